@@ -26,8 +26,6 @@ _KEYS = {
 # Aliases users type for the same datasets.
 _ALIASES = {
     "qm9": "qm9",
-    "qm9_second_half": "qm9",
-    "qm9_first_half": "qm9",
     "geom": "geom",
     "geom_drugs": "geom",
     "drugs": "geom",

@@ -1,0 +1,112 @@
+"""Run folders' ``args.pickle``: safe loading, saving, and the fields legacy runs lack.
+
+A run folder (``outputs/<exp_name>/``) is the only hand-off between training and
+everything after it. ``args.pickle`` is a pickled ``argparse.Namespace`` (EDM's format).
+Unpickling can run code, so it is read with an unpickler that admits only
+``argparse.Namespace`` and plain built-in types; anything else is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ARGS_FILE = "args.pickle"
+
+_ALLOWED_GLOBALS = {
+    ("argparse", "Namespace"),
+    ("builtins", "list"),
+    ("builtins", "dict"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("builtins", "complex"),
+    ("builtins", "str"),
+    ("builtins", "bytes"),
+    ("builtins", "bool"),
+    ("builtins", "NoneType"),
+    ("builtins", "slice"),
+    ("collections", "OrderedDict"),
+}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafePickleError(f"{module}.{name}")
+
+
+def loads_args(data: bytes, source: str = "args.pickle") -> argparse.Namespace:
+    """Unpickle run arguments, admitting only argparse.Namespace and plain built-in types."""
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data)).load()
+    except UnsafePickleError as e:
+        raise ValueError(
+            f"{source} asks to load {e}, which a run's arguments never need; refusing to unpickle it "
+            "(only argparse.Namespace and plain built-in types are allowed)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt pickles raise many types
+        raise ValueError(f"{source} is not a readable args pickle ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict):
+        obj = argparse.Namespace(**obj)
+    if not isinstance(obj, argparse.Namespace):
+        raise ValueError(f"{source} holds a {type(obj).__name__}, expected an argparse.Namespace")
+    return obj
+
+
+def load_run_args(run_dir: str | os.PathLike) -> argparse.Namespace:
+    """The ``args.pickle`` of a run folder, with a one-line error when it is missing or unsafe."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist; pass the folder holding args.pickle (e.g. outputs/<exp_name>)")
+    path = run_dir / ARGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run folder (it needs args.pickle and the weights)")
+    return loads_args(path.read_bytes(), source=str(path))
+
+
+def save_run_args(run_dir: str | os.PathLike, args: argparse.Namespace) -> Path:
+    """Write ``args.pickle`` atomically (temp file + rename)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ARGS_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".args.", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(argparse.Namespace(**vars(args)), f, protocol=4)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def infer_zero_center_h(args: argparse.Namespace) -> bool:
+    """Whether a run centres the atom-type features per molecule (GAGA mode).
+
+    Our runs record ``zero_center_h``. Legacy runs do not: the GAGA fork's args carry a
+    ``max_t`` attribute (and that fork always centres), EDM's do not.
+    """
+    value = getattr(args, "zero_center_h", None)
+    if value is not None:
+        return bool(value)
+    return hasattr(args, "max_t")
+
+
+def resolved_max_t(args: argparse.Namespace) -> int:
+    """The largest training timestep of a run (T for EDM runs)."""
+    T = int(getattr(args, "diffusion_steps", 1000))
+    max_t = getattr(args, "max_t", None)
+    return T if max_t is None else int(max_t)
