@@ -1,0 +1,164 @@
+"""Build the generative model from a run's args (EDM's ``get_model``) and load its weights.
+
+``args`` may be a legacy EDM or GAGA ``args.pickle`` namespace: every field this module reads
+beyond EDM's has a default. The GAGA mode (``zero_center_h``) is read from the run when it
+records it; legacy runs do not, and are told apart by the ``max_t`` option that only the
+GAGA fork's command line has.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from typing import Any
+
+import torch
+
+from egnn.models import EGNN_dynamics_QM9
+from equivariant_diffusion.distributions import DistributionNodes
+from equivariant_diffusion.en_diffusion import EnVariationalDiffusion
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model built from the run's args."""
+
+
+def infer_zero_center_h(args: Any) -> bool:
+    """The run's GAGA mode: its recorded ``zero_center_h``, else True iff it has a ``max_t``."""
+    recorded = getattr(args, "zero_center_h", None)
+    if recorded is not None:
+        return bool(recorded)
+    return getattr(args, "max_t", None) is not None
+
+
+def _with_overrides(args: Any, overrides: dict[str, Any]) -> Any:
+    if not overrides:
+        return args
+    merged = copy.copy(args) if not isinstance(args, dict) else argparse.Namespace(**args)
+    for key, value in overrides.items():
+        setattr(merged, key, value)
+    return merged
+
+
+def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloader_train=None, **overrides):
+    """(model, nodes_dist, prop_dist) as in EDM; ``overrides`` replace fields of ``args``.
+
+    Extra fields understood (all optional): ``max_t`` (None -> T), ``zero_center_h``
+    (None -> inferred, see ``infer_zero_center_h``), ``group_by_size`` (default True).
+    """
+    if isinstance(args, dict):
+        args = argparse.Namespace(**args)
+    args = _with_overrides(args, overrides)
+    if getattr(args, "conditioning", None):
+        raise ValueError(
+            f"conditioning on properties {list(args.conditioning)} is not supported by this re-implementation; "
+            "train and sample without --conditioning"
+        )
+    probabilistic_model = getattr(args, "probabilistic_model", "diffusion")
+    if probabilistic_model != "diffusion":
+        raise ValueError(f"unsupported probabilistic_model {probabilistic_model!r}; only 'diffusion' exists")
+
+    include_charges = bool(getattr(args, "include_charges", True))
+    histogram = dataset_info["n_nodes"]
+    in_node_nf = len(dataset_info["atom_decoder"]) + int(include_charges)
+    nodes_dist = DistributionNodes(histogram)
+    prop_dist = None
+
+    condition_time = bool(getattr(args, "condition_time", True))
+    dynamics_in_node_nf = in_node_nf + 1 if condition_time else in_node_nf
+    zero_center_h = infer_zero_center_h(args)
+
+    net_dynamics = EGNN_dynamics_QM9(
+        in_node_nf=dynamics_in_node_nf,
+        context_node_nf=int(getattr(args, "context_node_nf", 0) or 0),
+        n_dims=3,
+        device=device,
+        hidden_nf=args.nf,
+        act_fn=torch.nn.SiLU(),
+        n_layers=args.n_layers,
+        attention=getattr(args, "attention", True),
+        tanh=getattr(args, "tanh", True),
+        mode=getattr(args, "model", "egnn_dynamics"),
+        norm_constant=getattr(args, "norm_constant", 1),
+        inv_sublayers=getattr(args, "inv_sublayers", 1),
+        sin_embedding=getattr(args, "sin_embedding", False),
+        normalization_factor=getattr(args, "normalization_factor", 1),
+        aggregation_method=getattr(args, "aggregation_method", "sum"),
+        zero_center_h=zero_center_h,
+        group_by_size=bool(getattr(args, "group_by_size", True)),
+    )
+    vdm = EnVariationalDiffusion(
+        dynamics=net_dynamics,
+        in_node_nf=in_node_nf,
+        n_dims=3,
+        timesteps=getattr(args, "diffusion_steps", 1000),
+        noise_schedule=getattr(args, "diffusion_noise_schedule", "polynomial_2"),
+        noise_precision=getattr(args, "diffusion_noise_precision", 1e-5),
+        loss_type=getattr(args, "diffusion_loss_type", "l2"),
+        norm_values=getattr(args, "normalize_factors", [1, 4, 10]),
+        include_charges=include_charges,
+        max_t=getattr(args, "max_t", None),
+        zero_center_h=zero_center_h,
+    )
+    return vdm.to(device), nodes_dist, prop_dist
+
+
+def describe_run(args: Any) -> str:
+    """One-line summary of the fields that decide the parameter shapes."""
+    fields = ("nf", "n_layers", "inv_sublayers", "include_charges", "sin_embedding", "context_node_nf",
+              "condition_time", "remove_h", "dataset", "max_t")
+    parts = [f"{f}={getattr(args, f)!r}" for f in fields if hasattr(args, f)]
+    parts.append(f"zero_center_h={infer_zero_center_h(args)!r}")
+    return ", ".join(parts)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True) of a state dict, with one-line errors naming the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {os.fspath(path)} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling/zip/format failure means the file is unusable
+        raise CheckpointError(
+            f"cannot read checkpoint {os.fspath(path)} ({type(error).__name__}: {_one_line(error)[:200]})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {os.fspath(path)} does not hold a state dict of tensors")
+    # Weights saved from an nn.DataParallel wrapper carry a 'module.' prefix.
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, run_description: str) -> None:
+    """Raise a one-line CheckpointError at the first missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    problems = []
+    for key, tensor in expected.items():
+        if key not in state:
+            problems.append(f"missing key {key} (shape {tuple(tensor.shape)})")
+        elif tuple(state[key].shape) != tuple(tensor.shape):
+            problems.append(
+                f"key {key} has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)}"
+            )
+    problems += [f"unexpected key {key}" for key in state if key not in expected]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint {where} does not fit the model built from the run config ({run_description}): "
+            f"{problems[0]}{more}"
+        )
+
+
+def load_generative_model(model: torch.nn.Module, path: str | os.PathLike, run_description: Any = "") -> torch.nn.Module:
+    """Load weights strictly into ``model``; ``run_description`` is a string or the run's args."""
+    if not isinstance(run_description, str):
+        run_description = describe_run(run_description)
+    state = read_state_dict(path)
+    check_state_dict(model, state, os.fspath(path), run_description)
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,164 @@
+"""The EGNN dynamics network: equals EDM's output, is E(3)- and permutation-equivariant,
+centres its outputs, and ignores padding."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import edm_fixtures as ef
+from egnn.models import EGNN_dynamics_QM9, plan_size_groups
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", ef.NAMES)
+@pytest.mark.parametrize("group_by_size", [False, True])
+def test_network_output_matches_reference(name, group_by_size):
+    model, _, _ = ef.build(name)
+    model.dynamics.group_by_size = group_by_size
+    f = ef.load(name)
+    inp = f["inputs"]
+    for z, t, phi in [(f["z_t"], f["t_normalized"], f["phi"]),
+                      (f["loss_eval"]["z_0"], f["loss_eval"]["phi_0_t_input"], f["loss_eval"]["net_out_0"])]:
+        out = model.dynamics._forward(t, z, inp["node_mask"], inp["edge_mask"], None)
+        assert_close(out, phi, atol=1e-5, rtol=0)
+
+
+def test_network_in_float64_matches_reference_float64():
+    model, _, _ = ef.build("gaga")
+    model.double()
+    f = ef.load("gaga")
+    inp = f["inputs"]
+    out = model.phi(f["float64"]["loss_train"]["z_t"], f["loss_train"]["t"], inp["node_mask"].double(),
+                    inp["edge_mask"].double(), None)
+    assert_close(out, f["float64"]["loss_train"]["net_out"], atol=1e-12, rtol=1e-9)
+
+
+def lively_network(name: str, seed: int = 0) -> EGNN_dynamics_QM9:
+    """The fixture network with coordinate heads scaled up (EDM initialises them near zero),
+    so coordinate updates are large enough for equivariance tests to have teeth."""
+    model, _, _ = ef.build(name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.dynamics.egnn.modules():
+            if hasattr(module, "coord_mlp"):
+                last = module.coord_mlp[4].weight
+                last.copy_(torch.randn(last.shape, generator=generator) * 0.02)
+    return model.dynamics
+
+
+def random_orthogonal(reflect: bool, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
+    if (torch.linalg.det(q) < 0) != reflect:
+        q[:, 0] = -q[:, 0]
+    return q.float()
+
+
+def batch(name: str):
+    f = ef.load(name)
+    return f["z_t"], f["t_normalized"], f["inputs"]["node_mask"], f["inputs"]["edge_mask"]
+
+
+@pytest.mark.parametrize("name", ef.NAMES)
+@pytest.mark.parametrize("reflect", [False, True])
+def test_rotation_reflection_and_translation_equivariance(name, reflect):
+    net = lively_network(name)
+    z, t, node_mask, edge_mask = batch(name)
+    out = net._forward(t, z, node_mask, edge_mask, None)
+    assert out[..., :3].abs().max() > 1e-2  # the coordinate output is not trivially small
+    q = random_orthogonal(reflect)
+    shift = torch.tensor([1.5, -2.0, 0.7])
+    z_moved = z.clone()
+    z_moved[..., :3] = (z[..., :3] @ q.T + shift) * node_mask
+    out_moved = net._forward(t, z_moved, node_mask, edge_mask, None)
+    tol = 1e-6 * out.abs().max().item()  # float32 rounding relative to the output scale
+    assert_close(out_moved[..., :3], out[..., :3] @ q.T, atol=tol, rtol=0)
+    assert_close(out_moved[..., 3:], out[..., 3:], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("name", ef.NAMES)
+def test_permutation_equivariance(name):
+    net = lively_network(name)
+    z, t, node_mask, edge_mask = batch(name)
+    out = net._forward(t, z, node_mask, edge_mask, None)
+    bs, n, _ = z.shape
+    generator = torch.Generator().manual_seed(3)
+    perm = torch.stack([torch.randperm(n, generator=generator) for _ in range(bs)])  # moves padding too
+    rows = torch.arange(bs).unsqueeze(1)
+    mask_p = node_mask[rows, perm]
+    pair = mask_p.squeeze(2)
+    edge_p = (pair.unsqueeze(2) * pair.unsqueeze(1) * (1 - torch.eye(n))).reshape(-1, 1)
+    out_p = net._forward(t, z[rows, perm], mask_p, edge_p, None)
+    assert_close(out_p, out[rows, perm], atol=1e-6 * out.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("name", ef.NAMES)
+def test_outputs_are_centred_and_masked(name):
+    net = lively_network(name)
+    z, t, node_mask, edge_mask = batch(name)
+    out = net._forward(t, z, node_mask, edge_mask, None)
+    assert torch.equal(out * (1 - node_mask), torch.zeros_like(out))
+    scale = out.abs().max().item()
+    assert out[..., :3].sum(1).abs().max() < 1e-5 * scale
+    h_means = out[..., 3:].sum(1).abs().max()
+    assert (h_means < 1e-5 * scale) == (name == "gaga")  # features centred only in GAGA mode
+
+
+@pytest.mark.parametrize("name", ef.NAMES)
+@pytest.mark.parametrize("group_by_size", [False, True])
+def test_extra_padding_changes_nothing(name, group_by_size):
+    net = lively_network(name)
+    net.group_by_size = group_by_size
+    z, t, node_mask, edge_mask = batch(name)
+    out = net._forward(t, z, node_mask, edge_mask, None)
+    bs, n, d = z.shape
+    extra = 4
+    z_pad = torch.cat([z, torch.zeros(bs, extra, d)], dim=1)
+    mask_pad = torch.cat([node_mask, torch.zeros(bs, extra, 1)], dim=1)
+    pair = mask_pad.squeeze(2)
+    edge_pad = (pair.unsqueeze(2) * pair.unsqueeze(1) * (1 - torch.eye(n + extra))).reshape(-1, 1)
+    out_pad = net._forward(t, z_pad, mask_pad, edge_pad, None)
+    assert_close(out_pad[:, :n], out, atol=1e-6 * out.abs().max().item(), rtol=0)
+    assert torch.equal(out_pad[:, n:], torch.zeros(bs, extra, d))
+
+
+def test_one_time_value_is_broadcast_to_the_batch():
+    net = lively_network("edm")
+    z, t, node_mask, edge_mask = batch("edm")
+    one = torch.tensor([[0.25]])
+    assert_close(net._forward(one, z, node_mask, edge_mask, None),
+                 net._forward(one.expand(z.size(0), 1), z, node_mask, edge_mask, None), atol=0, rtol=0)
+
+
+def test_mean_aggregation_uses_the_padded_batch():
+    """'mean' divides by the padded node count (EDM), so grouping by size must not kick in."""
+    torch.manual_seed(0)
+    net = EGNN_dynamics_QM9(6, 0, 3, hidden_nf=16, n_layers=1, attention=True, tanh=True, norm_constant=1,
+                            inv_sublayers=1, aggregation_method="mean", group_by_size=True)
+    z, t, node_mask, edge_mask = batch("gaga")
+    grouped = net._forward(t, z, node_mask, edge_mask, None)
+    net.group_by_size = False
+    assert torch.equal(grouped, net._forward(t, z, node_mask, edge_mask, None))
+
+
+def test_nan_outputs_are_reset_counted_and_warned():
+    net = lively_network("gaga")
+    z, t, node_mask, edge_mask = batch("gaga")
+    with torch.no_grad():
+        net.egnn.e_block_1.gcl_equiv.coord_mlp[4].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        out = net._forward(t, z, node_mask, edge_mask, None)
+    assert net.nan_resets == 1
+    assert torch.equal(out[..., :3], torch.zeros_like(out[..., :3]))
+    assert torch.isfinite(out).all()
+
+
+def test_size_groups_trade_padding_against_overhead():
+    sizes = [29] + [9] * 10 + [8] * 5
+    assert plan_size_groups(sizes, overhead_pairs=0.0) == [8, 9, 29]
+    assert plan_size_groups(sizes, overhead_pairs=1e9) == [29]
+    # one group costs 16*29^2; splitting off the 29 saves 15*(29^2 - 9^2) - overhead
+    assert plan_size_groups(sizes, overhead_pairs=5000.0) == [9, 29]
+    assert plan_size_groups([5, 5, 5], overhead_pairs=0.0) == [5]
