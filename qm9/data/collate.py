@@ -73,11 +73,15 @@ def passthrough_collate(batch):
 
 
 def make_dataloader(
-    arrays: dict[str, np.ndarray], batch_size: int, shuffle: bool, num_workers: int = 0, drop_last: bool = False,
-    seed: int | None = None,
+    arrays: dict[str, np.ndarray] | torch.utils.data.Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+    drop_last: bool = False, seed: int | None = None,
 ) -> torch.utils.data.DataLoader:
-    """DataLoader yielding EDM batch dicts; uses a DistributedSampler when torch.distributed is initialised."""
-    dataset = PaddedMoleculeDataset(arrays)
+    """DataLoader yielding EDM batch dicts; uses a DistributedSampler when torch.distributed is initialised.
+
+    ``arrays`` is either padded arrays (wrapped in a PaddedMoleculeDataset) or a dataset whose
+    ``__getitems__`` already returns a batch dict (e.g. GEOM's on-the-fly padding dataset).
+    """
+    dataset = arrays if isinstance(arrays, torch.utils.data.Dataset) else PaddedMoleculeDataset(arrays)
     sampler = None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed or 0, drop_last=drop_last)
