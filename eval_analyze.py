@@ -1,0 +1,113 @@
+"""Sample molecules from a trained run and report EDM's metrics (EDM's eval_analyze.py).
+
+    python eval_analyze.py --model_path outputs/edm_qm9 --n_samples 10000
+    python eval_analyze.py --model_path outputs/edm_qm9_GA_550 --n_samples 10000 --save_to_xyz True
+
+Sampling follows the run (a GAGA run with --max_t T* starts from the Gaussian approximation
+at T* with the run's --dataset_var); --start_step, --dataset_var, --sampling_step_size and
+--sampler override it. Prints the metrics and writes them as JSON (default
+<model_path>/eval_metrics.json). Works with EDM's and the GAGA fork's run folders.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from training.args import optional_int, str2bool
+from training.loop import sample_molecules, sampling_options, test
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", type=str, default="outputs/edm_1", help="run folder holding args.pickle and the weights")
+    p.add_argument("--n_samples", type=int, default=100, help="molecules to sample")
+    p.add_argument("--batch_size_gen", type=int, default=100, help="molecules per sampling batch")
+    p.add_argument("--save_to_xyz", type=str2bool, default=False, help="write the samples as XYZ files")
+    p.add_argument("--save_to_sdf", type=str2bool, default=False, help="write the samples as one SDF file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--use_ema", type=str2bool, default=True, help="sample with the EMA weights when the run has them")
+    p.add_argument("--start_step", type=optional_int, default=argparse.SUPPRESS,
+                   help="start of the reverse chain (Gaussian start); default: the run's max_t if < T, 'None' = T")
+    p.add_argument("--dataset_var", type=float, default=None, help="data variance of the Gaussian start (default: the run's)")
+    p.add_argument("--sampling_step_size", type=int, default=None, help="stride of the reverse chain (default: the run's)")
+    p.add_argument("--sampler", type=str, default=None, choices=("ddpm", "ddim"), help="default: the run's (ddpm)")
+    p.add_argument("--no_novelty", action="store_true", help="skip novelty (needs the training SMILES, cached after the first run)")
+    p.add_argument("--eval_nll", type=str2bool, default=False, help="also compute the validation and test NLL")
+    p.add_argument("--data_subset", type=optional_int, default=None, help="NLL on the first N molecules of each split only")
+    p.add_argument("--datadir", type=str, default=None, help="dataset cache folder (default: the run's)")
+    p.add_argument("--metrics_json", type=str, default=None, help="where to write the metrics (default <model_path>/eval_metrics.json)")
+    p.add_argument("--no-cuda", dest="no_cuda", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from training.evaluate import evaluate_molecules, load_run, training_smiles
+
+    eval_args = build_parser().parse_args(argv)
+    if eval_args.n_samples < 1 or eval_args.batch_size_gen < 1:
+        raise SystemExit("--n_samples and --batch_size_gen must be >= 1")
+    device = torch.device("cuda" if torch.cuda.is_available() and not eval_args.no_cuda else "cpu")
+    torch.manual_seed(eval_args.seed)
+    run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema, datadir=eval_args.datadir)
+    args = run.args
+    options = sampling_options(args)
+    if hasattr(eval_args, "start_step"):  # given on the command line: sample from there
+        options["start_step"] = eval_args.start_step
+    for key, option in (("dataset_var", "dataset_var"), ("sampling_step_size", "step_size"), ("sampler", "sampler")):
+        if getattr(eval_args, key) is not None:
+            options[option] = getattr(eval_args, key)
+    print(f"Sampling {eval_args.n_samples} molecules from {run.weights} with {options}")
+
+    start = time.time()
+    molecules = sample_molecules(args, run.model, run.nodes_dist, run.dataset_info, device, eval_args.n_samples,
+                                 batch_size=eval_args.batch_size_gen, options=options)
+    seconds_sampling = time.time() - start
+    start = time.time()
+    smiles = None if eval_args.no_novelty else training_smiles(args, run.dataset_info)
+    metrics = evaluate_molecules(molecules, run.dataset_info, smiles)
+    seconds_metrics = time.time() - start
+
+    out_dir = Path(eval_args.model_path)
+    if eval_args.save_to_xyz or eval_args.save_to_sdf:
+        from qm9 import visualizer
+
+        folder = out_dir / "analyzed_molecules"
+        if eval_args.save_to_xyz:
+            visualizer.save_xyz_file(folder, molecules["one_hot"], None, molecules["x"], run.dataset_info,
+                                     name="molecule", node_mask=molecules["node_mask"])
+        if eval_args.save_to_sdf:
+            visualizer.save_sdf_file(folder / "molecules.sdf", molecules["x"], molecules["one_hot"], run.dataset_info,
+                                     node_mask=molecules["node_mask"])
+        print(f"Molecules written to {folder}")
+
+    if eval_args.eval_nll:
+        from qm9.dataset import retrieve_dataloaders
+        from training.data import build_loaders
+
+        args.data_subset = eval_args.data_subset
+        loaders = build_loaders(retrieve_dataloaders(args)[0], args)
+        metrics["nll_val"] = test(args, loaders["valid"], 0, run.model, device, torch.float32, run.nodes_dist, "Val")
+        metrics["nll_test"] = test(args, loaders["test"], 0, run.model, device, torch.float32, run.nodes_dist, "Test")
+
+    record = {
+        "model_path": str(out_dir), "weights": run.weights.name, "n_samples": eval_args.n_samples, "seed": eval_args.seed,
+        "sampling": options, "metrics": metrics,
+        "seconds": {"sampling": round(seconds_sampling, 2), "metrics": round(seconds_metrics, 2)},
+    }
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}")
+    path = Path(eval_args.metrics_json) if eval_args.metrics_json else out_dir / "eval_metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"Metrics written to {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

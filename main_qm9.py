@@ -1,0 +1,12 @@
+"""Train EDM (or EDM with GAGA's truncated training, --max_t) on QM9. EDM's command line.
+
+    python main_qm9.py --exp_name edm_qm9 --diffusion_noise_schedule polynomial_2 ...
+    torchrun --nproc_per_node 2 main_qm9.py ...      # DistributedDataParallel
+    python main_qm9.py --resume outputs/edm_qm9      # continue a run
+
+See training/args.py for every flag.
+"""
+from training.run import main
+
+if __name__ == "__main__":
+    main(script="qm9")

@@ -1,0 +1,256 @@
+"""The command line of main_qm9.py / main_geom_drugs.py: EDM's flags, EDM's defaults, GAGA's additions.
+
+EDM parses many flags with ``type=eval`` (``--dp=True``, ``--normalize_factors [1,4,10]``).
+Here the same spellings are parsed without eval: booleans by ``str2bool`` and number lists
+by ``ast.literal_eval`` restricted to numbers. argparse keeps prefix matching on, because
+the GAGA README passes ``--include_charge=False`` (a prefix of ``--include_charges``).
+
+Flags beyond EDM's:
+* GAGA: ``--max_t`` (largest training timestep; default None = T), ``--dataset_var``
+  (data variance for the Gaussian start), ``--sampling_step_size``, ``--zero_center_h``
+  (auto/true/false; auto = true iff --max_t is given; the resolved bool is stored).
+* ``--seed``; ``--sampler`` (ddpm/ddim) for the in-training stability check.
+* ``--output_root``: parent of the run folders (default outputs, EDM's).
+* ``--data_subset N``: use only the first N molecules of each split (quick runs, tests).
+* ``--checkpoint_every_steps K``: also write the resume state every K training steps.
+* ``--nan_patience P``: stop after P consecutive batches with a non-finite loss or gradient.
+* ``--wandb``: turn on Weights & Biases logging (off by default; ``--no_wandb=False`` too).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from typing import Any, Sequence
+
+from configs.run_args import infer_zero_center_h
+
+SCRIPTS = ("qm9", "geom")
+_TRUE = {"true", "t", "yes", "y", "1", "on"}
+_FALSE = {"false", "f", "no", "n", "0", "off", "none"}
+
+
+def str2bool(text: str | bool) -> bool:
+    """'True'/'False' (EDM's eval spellings) and the usual yes/no/1/0 variants."""
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def number_list(text: str | Sequence[float]) -> list[float]:
+    """'[1,4,10]', '[1, 4, 10]', '1,4,10' or '(1,4,10)' -> [1, 4, 10] (numbers only, no eval)."""
+    if not isinstance(text, str):
+        return list(text)
+    stripped = text.strip()
+    if not stripped.startswith(("[", "(")):
+        stripped = f"[{stripped}]"
+    try:
+        value = ast.literal_eval(stripped)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"expected a list of numbers like [1,4,10], got {text!r}") from None
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise argparse.ArgumentTypeError(f"expected a list of numbers like [1,4,10], got {text!r}")
+    return list(value)
+
+
+def optional_int(text: str) -> int | None:
+    if str(text).strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or None, got {text!r}") from None
+
+
+def zero_center_choice(text: str) -> str:
+    lowered = str(text).strip().lower()
+    if lowered == "auto":
+        return "auto"
+    try:
+        return "true" if str2bool(lowered) else "false"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}") from None
+
+
+# EDM's defaults where main_qm9.py and main_geom_drugs.py differ.
+_SCRIPT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qm9": dict(
+        n_epochs=200, batch_size=128, lr=2e-4, nf=128, dataset="qm9", n_report_steps=1, test_epochs=10,
+        n_stability_samples=500, normalize_factors=[1, 4, 1], include_charges=True,
+        visualize_every_batch=int(1e8),
+    ),
+    "geom": dict(
+        n_epochs=10000, batch_size=128, lr=5e-4, nf=192, dataset="geom", n_report_steps=50, test_epochs=1,
+        n_stability_samples=20, normalize_factors=[1, 4, 10], include_charges=False,
+        visualize_every_batch=5000,
+    ),
+}
+
+
+def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
+    """The parser of main_qm9.py (script='qm9') or main_geom_drugs.py (script='geom')."""
+    if script not in SCRIPTS:
+        raise ValueError(f"unknown script {script!r}; choose one of {SCRIPTS}")
+    d = _SCRIPT_DEFAULTS[script]
+    p = argparse.ArgumentParser(
+        prog="main_qm9.py" if script == "qm9" else "main_geom_drugs.py",
+        description="Train an E(3) equivariant diffusion model (EDM), optionally with GAGA's truncated training.",
+    )
+    a = p.add_argument
+    # --- experiment and model ---
+    a("--exp_name", type=str, default="debug_10", help="run folder name under outputs/")
+    a("--model", type=str, default="egnn_dynamics", help="dynamics network (egnn_dynamics)")
+    a("--probabilistic_model", type=str, default="diffusion", help="diffusion")
+    a("--diffusion_steps", type=int, default=200, help="T, the number of diffusion steps")
+    a("--diffusion_noise_schedule", type=str, default="learned", help="learned, cosine, polynomial_<power>")
+    a("--diffusion_noise_precision", type=float, default=1e-5)
+    a("--diffusion_loss_type", type=str, default="vlb", help="vlb or l2")
+    a("--n_epochs", type=int, default=d["n_epochs"])
+    a("--batch_size", type=int, default=d["batch_size"], help="global batch size (split over GPUs/processes)")
+    a("--lr", type=float, default=d["lr"])
+    a("--brute_force", type=str2bool, default=False, help="accepted for EDM compatibility; unused")
+    a("--actnorm", type=str2bool, default=True, help="accepted for EDM compatibility; unused")
+    a("--break_train_epoch", type=str2bool, default=False, help="stop each epoch after one batch (debugging)")
+    a("--dp", type=str2bool, default=True, help="DataParallel when more than one GPU is visible")
+    a("--condition_time", type=str2bool, default=True)
+    a("--clip_grad", type=str2bool, default=True, help="EDM's adaptive gradient clipping")
+    a("--trace", type=str, default="hutch", help="accepted for EDM compatibility; unused")
+    a("--n_layers", type=int, default=6, help="number of equivariant blocks")
+    a("--inv_sublayers", type=int, default=1)
+    a("--nf", type=int, default=d["nf"], help="hidden width")
+    a("--tanh", type=str2bool, default=True)
+    a("--attention", type=str2bool, default=True)
+    a("--norm_constant", type=float, default=1)
+    a("--sin_embedding", type=str2bool, default=False)
+    a("--ode_regularization", type=float, default=1e-3, help="weight of the regulariser term (0 for diffusion)")
+    # --- data ---
+    a("--dataset", type=str, default=d["dataset"], help="qm9 or geom")
+    a("--datadir", type=str, default="qm9/temp", help="where the processed dataset caches live")
+    a("--filter_n_atoms", type=optional_int, default=None, help="train only on molecules with this many atoms")
+    a("--dequantization", type=str, default="argmax_variational", help="accepted for EDM compatibility; unused")
+    a("--n_report_steps", type=int, default=d["n_report_steps"])
+    a("--wandb_usr", type=str, default=None)
+    a("--no_wandb", type=str2bool, nargs="?", const=True, default=True,
+      help="disable wandb (the default here); --no_wandb=False or --wandb turns it on")
+    a("--wandb", dest="no_wandb", action="store_false", help="log to Weights & Biases")
+    a("--online", type=str2bool, default=True, help="wandb online (falls back to offline without network)")
+    a("--no-cuda", dest="no_cuda", action="store_true", default=False, help="train on the CPU")
+    a("--save_model", type=str2bool, default=True)
+    a("--generate_epochs", type=int, default=1)
+    a("--num_workers", type=int, default=0, help="dataloader worker processes")
+    a("--test_epochs", type=int, default=d["test_epochs"], help="validate, test and check stability every this many epochs")
+    a("--data_augmentation", type=str2bool, default=False, help="random rotations of the training molecules")
+    a("--conditioning", nargs="+", default=[], help="property conditioning (not supported: no property labels)")
+    a("--resume", type=str, default=None, help="run folder to continue (outputs/<exp_name>)")
+    a("--start_epoch", type=int, default=0)
+    a("--ema_decay", type=float, default=0.999, help="EMA decay of the weights; 0 disables EMA")
+    a("--augment_noise", type=float, default=0)
+    a("--n_stability_samples", type=int, default=d["n_stability_samples"])
+    a("--normalize_factors", type=number_list, default=list(d["normalize_factors"]),
+      help="normalisation of [x, categorical, integer], e.g. [1,4,10]")
+    a("--remove_h", action="store_true")
+    a("--include_charges", type=str2bool, default=d["include_charges"], help="include atomic numbers as a feature")
+    a("--visualize_every_batch", type=int, default=d["visualize_every_batch"],
+      help="save sampled pictures every this many batches of a test epoch (0: never)")
+    a("--normalization_factor", type=float, default=1, help="normalisation of the sum aggregation")
+    a("--aggregation_method", type=str, default="sum", help="sum or mean")
+    if script == "geom":
+        a("--filter_molecule_size", type=optional_int, default=None, help="keep only molecules up to this size")
+        a("--sequential", action="store_true", help="accepted for EDM compatibility; batches are always shuffled")
+        a("--data_file", type=str, default="./data/geom/geom_drugs_30.npy",
+          help="EDM's processed GEOM file; its folder is the data folder unless --datadir is given")
+        a("--conformations", type=optional_int, default=None,
+          help="conformers kept per molecule (default: from --data_file's name, else 30)")
+    # --- GAGA ---
+    a("--max_t", type=optional_int, default=None,
+      help="largest training timestep (GAGA's T*); default: T. Giving it switches GAGA mode on")
+    a("--dataset_var", type=float, default=1.0, help="data variance for the Gaussian start of sampling (QM9 0.848)")
+    a("--sampling_step_size", type=int, default=1, help="stride of the reverse chain when sampling")
+    a("--zero_center_h", type=zero_center_choice, default="auto",
+      help="centre atom-type features per molecule: auto (= true iff --max_t given), true, false")
+    a("--sampler", type=str, default="ddpm", choices=("ddpm", "ddim"), help="sampler of the stability check")
+    # --- this implementation ---
+    a("--seed", type=int, default=1, help="seed of the model init, the data order and the noise")
+    a("--output_root", type=str, default="outputs", help="parent folder of run folders (outputs/<exp_name>)")
+    a("--data_subset", type=optional_int, default=None,
+      help="use only the first N molecules of each split (quick runs and tests)")
+    a("--checkpoint_every_steps", type=int, default=0,
+      help="also write the resume state every K training steps (0: only at the end of each epoch)")
+    a("--nan_patience", type=int, default=20, help="stop after this many consecutive non-finite batches")
+    a("--stop_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate cross-field constraints and turn ``zero_center_h`` into the bool a run records."""
+    if args.max_t is not None and not 1 <= args.max_t <= args.diffusion_steps:
+        raise SystemExit(f"--max_t must be between 1 and --diffusion_steps ({args.diffusion_steps}), got {args.max_t}")
+    if len(args.normalize_factors) != 3:
+        raise SystemExit(f"--normalize_factors needs 3 numbers [x, categorical, integer], got {args.normalize_factors}")
+    if args.batch_size < 1 or args.n_epochs < 0 or args.test_epochs < 1:
+        raise SystemExit("--batch_size and --test_epochs must be >= 1 and --n_epochs >= 0")
+    if args.dataset_var <= 0:
+        raise SystemExit(f"--dataset_var must be positive, got {args.dataset_var}")
+    if args.sampling_step_size < 1:
+        raise SystemExit(f"--sampling_step_size must be >= 1, got {args.sampling_step_size}")
+    if args.data_subset is not None and args.data_subset < 1:
+        raise SystemExit(f"--data_subset must be >= 1, got {args.data_subset}")
+    if args.conditioning:
+        raise SystemExit(
+            f"--conditioning {' '.join(args.conditioning)}: property conditioning is not supported "
+            "(the datasets here carry no property labels); drop the flag"
+        )
+    if args.probabilistic_model != "diffusion":
+        raise SystemExit(f"--probabilistic_model {args.probabilistic_model!r} is not supported; use diffusion")
+    choice = args.zero_center_h
+    if isinstance(choice, str):
+        if choice == "auto":
+            args.zero_center_h = args.max_t is not None
+        else:
+            args.zero_center_h = choice == "true"
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None, script: str = "qm9") -> argparse.Namespace:
+    """Parse and resolve a training command line (unknown flags: argparse's error)."""
+    args = build_parser(script).parse_args(argv)
+    return resolve_args(args)
+
+
+def explicit_flags(argv: Sequence[str] | None, script: str = "qm9") -> set[str]:
+    """Destinations of the flags actually written on the command line (not defaulted)."""
+    parser = build_parser(script)
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public API for this
+        action.default = argparse.SUPPRESS
+    given = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return set(vars(given))
+
+
+def default_args(script: str = "qm9") -> argparse.Namespace:
+    """Every flag at its default (resolved), e.g. to fill fields legacy args.pickle files lack."""
+    return build_parser(script).parse_args([])
+
+
+def fill_legacy_defaults(args: argparse.Namespace, script: str | None = None) -> argparse.Namespace:
+    """Complete a loaded args.pickle (EDM, GAGA fork or ours) with the parser defaults it lacks.
+
+    ``zero_center_h`` is inferred before filling (a GAGA fork pickle has ``max_t``, EDM's has
+    not), and is stored as a bool.
+    """
+    if script is None:
+        script = "geom" if str(getattr(args, "dataset", "qm9")).lower().startswith(("geom", "drugs")) else "qm9"
+    out = argparse.Namespace(**vars(args))
+    out.zero_center_h = infer_zero_center_h(args)
+    for key, value in vars(default_args(script)).items():
+        if not hasattr(out, key):
+            setattr(out, key, value)
+    if isinstance(out.normalize_factors, str):
+        out.normalize_factors = number_list(out.normalize_factors)
+    return out

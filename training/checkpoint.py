@@ -1,0 +1,170 @@
+"""A run folder's files, written atomically (temp file + rename).
+
+EDM's files (same names and formats, so EDM's tools read them):
+* ``args.pickle`` (configs.run_args), ``generative_model.npy``, ``generative_model_ema.npy``,
+  ``optim.npy``: ``torch.save`` of the state dicts of the best model by validation NLL,
+  plus EDM's copies ``<name>_<epoch>.npy`` / ``args_<epoch>.pickle`` at each improvement.
+
+Ours:
+* ``resume_state.pt``: the *latest* state, written at the end of every epoch (and every
+  ``--checkpoint_every_steps`` steps): model, EMA model, optimiser, epoch and step, the
+  gradient-norm queue, all RNG states (per process under DDP), NaN counters, best NLLs.
+  ``--resume`` continues from it bit-identically. It loads with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from configs.run_args import ARGS_FILE, save_run_args
+
+MODEL_FILE = "generative_model.npy"
+EMA_FILE = "generative_model_ema.npy"
+OPTIM_FILE = "optim.npy"
+RESUME_FILE = "resume_state.pt"
+RESUME_FORMAT = 1
+
+
+def _file_mode() -> int:
+    """rw for everyone the umask allows (mkstemp's temp files are private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DataParallel / DistributedDataParallel wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+
+
+def save_model_files(
+    run_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    model_ema: torch.nn.Module | None,
+    optim: torch.optim.Optimizer,
+    args,
+    epoch: int | None = None,
+) -> None:
+    """EDM's best-model files; with ``epoch`` also EDM's per-epoch copies."""
+    run_dir = Path(run_dir)
+    suffixes = [""] if epoch is None else ["", f"_{epoch}"]
+    for suffix in suffixes:
+        atomic_torch_save(optim.state_dict(), run_dir / f"optim{suffix}.npy")
+        atomic_torch_save(unwrap(model).state_dict(), run_dir / f"generative_model{suffix}.npy")
+        if model_ema is not None:
+            atomic_torch_save(unwrap(model_ema).state_dict(), run_dir / f"generative_model_ema{suffix}.npy")
+    save_run_args(run_dir, args)
+    if epoch is not None:
+        atomic_write_bytes(run_dir / f"args_{epoch}.pickle", pickle.dumps(argparse.Namespace(**vars(args)), protocol=4))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """torch, numpy, python and (if present) CUDA generator states, as weights_only-safe objects."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(np_name), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": int(version), "internal": list(py_internal), "gauss_next": py_gauss},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            print(f"note: the run saved {len(state['cuda'])} CUDA RNG states, {torch.cuda.device_count()} GPUs are visible; "
+                  "restoring the ones that fit")
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+# ---------------------------------------------------------------- resume state
+
+
+def save_resume_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
+    return atomic_torch_save({"format": RESUME_FORMAT, **state}, Path(run_dir) / RESUME_FILE)
+
+
+def load_resume_state(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The run's resume state, or None when the folder has none (a legacy EDM/GAGA run)."""
+    path = Path(run_dir) / RESUME_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt files raise many types
+        raise SystemExit(f"{path} is unreadable ({type(e).__name__}); delete it to resume from the best-model files instead") from None
+    if state.get("format") != RESUME_FORMAT:
+        raise SystemExit(f"{path} has format {state.get('format')}, this code reads format {RESUME_FORMAT}")
+    return state
+
+
+def resolve_resume_dir(path: str | os.PathLike) -> Path:
+    """The run folder ``--resume`` names, or a one-line SystemExit saying what is wrong."""
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise SystemExit(f"--resume {path}: no such folder; pass a run folder such as outputs/<exp_name>")
+    if not (run_dir / ARGS_FILE).is_file():
+        raise SystemExit(f"--resume {path}: no {ARGS_FILE} there, so it is not a training run folder")
+    if not (run_dir / RESUME_FILE).is_file() and not (run_dir / MODEL_FILE).is_file():
+        raise SystemExit(f"--resume {path}: the run has neither {RESUME_FILE} nor {MODEL_FILE}; nothing to continue from")
+    return run_dir
+
+
+def load_state_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A ``.npy`` state dict written by torch.save (ours or EDM's), loaded safely."""
+    return torch.load(path, map_location=map_location, weights_only=True)
