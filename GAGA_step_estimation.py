@@ -1,0 +1,65 @@
+"""GAGA step 3: the characteristic step T* from the Gaussianity test results.
+
+    python GAGA_step_estimation.py --data_root identity_to_gaussian_QM9 [--quantile 0.95]
+
+Per molecule: the earliest grid t at which it passes at t and at the next grid point.
+T* = their mean (GAGA's README estimator) and their q-quantile. Prints both, for all tests
+and per modality/test, and saves <data_root>/gaga_step.json and first_pass.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gaga.cli import one_line_errors
+from gaga.step_estimation import PASS_COLUMNS, check_quantile, first_pass_histogram, load_results, step_estimates
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data_root", required=True, help="folder written by Gaussianity_test.py (identity_to_gaussian_<test_name>)")
+    parser.add_argument("--quantile", type=float, default=0.95, help="q of the quantile estimator, in (0, 1)")
+    parser.add_argument("--out", default=None, help="JSON output (default <data_root>/gaga_step.json)")
+    parser.add_argument("--no_plot", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _fmt(value, digits: int = 1) -> str:
+    return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
+@one_line_errors
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_quantile(args.quantile)
+    data_root = Path(args.data_root)
+    results = load_results(data_root)
+    estimates = step_estimates(results, args.quantile)
+    overall = estimates["pass"]
+    q = f"q{args.quantile:g}"
+    print(f"{data_root}: {overall['n_molecules']} molecules, grid {overall['grid'][0]}..{overall['grid'][-1]} ({len(overall['grid'])} points)")
+    print(f"{'test':<28} {'T* mean':>8} {'nearest':>8} {q:>8} {'never':>6}")
+    for column, est in estimates.items():
+        print(f"{PASS_COLUMNS[column]:<28} {_fmt(est['t_star_mean']):>8} {_fmt(est['t_star_mean_nearest_grid']):>8} "
+              f"{_fmt(est['t_star_quantile']):>8} {est['n_without_consistent_pass']:>6}")
+    if overall["t_star_mean"] is None:
+        print("no molecule passes at two consecutive grid points: extend the grid (Gaussianity_test.py --timesteps)")
+    else:
+        print(f"\nT* = {overall['t_star_mean']:.1f} (mean estimator; nearest grid point {overall['t_star_mean_nearest_grid']}), "
+              f"{q} estimator = {_fmt(overall['t_star_quantile'])}"
+              + ("" if overall["t_star_quantile"] is not None else f" (more than {1 - args.quantile:.0%} of molecules never pass consistently)"))
+    counts = first_pass_histogram(results)
+    out = Path(args.out) if args.out else data_root / "gaga_step.json"
+    out.write_text(json.dumps({"data_root": str(data_root), "t_star": estimates, "first_pass_counts": counts}, indent=2) + "\n")
+    print(f"saved {out}")
+    if not args.no_plot:
+        from gaga.plots import plot_first_pass_histogram
+
+        path = plot_first_pass_histogram(counts, data_root / "first_pass.png", overall["t_star_mean"], title=data_root.name)
+        print(f"plot: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""GAGA step 2: per molecule and timestep, is the noised molecule an independent Gaussian?
+
+    python Gaussianity_test.py --model_path outputs/edm_qm9_GA_550 --test_name QM9
+    python Gaussianity_test.py --test_name QM9 --n_molecules 2000     # schedule from flags
+
+Writes identity_to_gaussian_<test_name>/results_atoms_<n>.csv (one row per molecule and t:
+statistics and pass flags, appended as molecules finish), config.json, and
+gaussianity.png (pass rates, KS statistics and MI against t, T* marked). Tests: see
+gaga/gaussianity.py. An interrupted run keeps what is done; add --resume to finish it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from gaga.cli import add_source_flags, one_line_errors, resolve_data_spec, resolve_gamma, source_record
+from gaga.data import load_features
+from gaga.gaussianity import DEFAULT_TIMESTEPS, TEST_MODALITIES, GaussianityConfig, test_channels
+from gaga.gaussianity_run import run_gaussianity_test
+from gaga.schedule import check_timesteps, parse_timesteps
+from gaga.step_estimation import check_quantile, load_results, per_timestep_summary, step_estimates
+from gaga.variance import molecule_statistics
+
+README_DATASET_VAR = 0.848
+VARIANCE_MODES = {"scalar": "scalar", "per-modality": "per-modality", "per_modality": "per-modality", "measured": "per-modality"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_source_flags(parser)
+    parser.add_argument("--test_name", default="QM9")
+    parser.add_argument("--out_dir", default=None, help="default identity_to_gaussian_<test_name>")
+    parser.add_argument("--n_molecules", type=int, default=None, help="random subset of the split (default: all with >= 4 atoms)")
+    parser.add_argument("--seed", type=int, default=0)
+    default_grid = f"{DEFAULT_TIMESTEPS[0]}:{DEFAULT_TIMESTEPS[-1]}:{DEFAULT_TIMESTEPS[1] - DEFAULT_TIMESTEPS[0]}"
+    parser.add_argument("--timesteps", default=default_grid, help="grid: 300,350,400 or start:stop:step (stop included)")
+    parser.add_argument("--workers", type=int, default=2, help="processes")
+    parser.add_argument("--chunk_size", type=int, default=32, help="molecules per task")
+    parser.add_argument("--variance_mode", default="scalar", choices=sorted(VARIANCE_MODES),
+                        help="scalar: v = --dataset_var for every feature (the paper's isotropic approximation); "
+                             "per-modality (= measured): each modality's measured variance (mean square over the split)")
+    parser.add_argument("--dataset_var", type=float, default=README_DATASET_VAR, help="v in v_t = alpha_t^2 v + sigma_t^2 (scalar mode)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="KS significance level: pass if p > alpha")
+    parser.add_argument("--mi_threshold", type=float, default=0.1, help="MI tests pass if the mean MI (nats) < this")
+    parser.add_argument("--mi_neighbors", type=int, default=3, help="k of the KSG estimator")
+    parser.add_argument("--mi_pairs", type=int, default=10, help="random pairs per MI test")
+    parser.add_argument("--quantile", type=float, default=0.95, help="for the T* quantile estimator shown on the plot")
+    parser.add_argument("--resume", action="store_true", help="finish an interrupted run with the same settings")
+    parser.add_argument("--no_plot", action="store_true")
+    parser.add_argument("--no_progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+@one_line_errors
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    check_quantile(args.quantile)
+    gamma = resolve_gamma(args)
+    grid = check_timesteps(parse_timesteps(args.timesteps), len(gamma) - 1)
+    spec = resolve_data_spec(args)
+    features = load_features(spec, split=args.split, progress=not args.no_progress)
+
+    mode = VARIANCE_MODES[args.variance_mode]
+    if mode == "scalar":
+        if not args.dataset_var > 0:
+            raise ValueError(f"--dataset_var must be positive, got {args.dataset_var}")
+        variances = {m: float(args.dataset_var) for m in TEST_MODALITIES}
+    else:
+        variances = {
+            name: float(molecule_statistics(features.values, features.mask, sl)["mean_square"].mean())
+            for name, sl in test_channels(features.channels, features.n_channels).items()
+        }
+    config = GaussianityConfig(
+        timesteps=tuple(grid), alpha=args.alpha, mi_threshold=args.mi_threshold, mi_neighbors=args.mi_neighbors,
+        mi_pairs=args.mi_pairs, seed=args.seed, variances=variances,
+    )
+    out_dir = Path(args.out_dir or f"identity_to_gaussian_{args.test_name}")
+    extra = {"variance_mode": mode, "source": source_record(args, spec)}
+    run = run_gaussianity_test(
+        features, gamma, config, out_dir, n_molecules=args.n_molecules, workers=args.workers,
+        chunk_size=args.chunk_size, resume=args.resume, progress=not args.no_progress, extra_record=extra,
+    )
+    seconds = time.perf_counter() - start
+
+    results = load_results(out_dir)
+    estimates = step_estimates(results, args.quantile)
+    summary = per_timestep_summary(results)
+    overall = estimates["pass"]
+    print(f"{args.test_name}: {run['n_selected']} molecules x {len(grid)} timesteps "
+          f"({run['n_computed']} computed now, {run['n_already_done']} from before) in {seconds:.1f} s "
+          f"with {args.workers} worker(s); v = " + ", ".join(f"{k} {v:.4g}" for k, v in variances.items()))
+    print(f"{'t':>5} {'pass':>6} {'pos':>6} {'types':>6} {'MIatoms':>8}")
+    for t, row in summary.iterrows():
+        print(f"{t:>5} {row['pass']:>6.3f} {row['pass_positions']:>6.3f} {row['pass_atom_types']:>6.3f} {row['pass_mi_atoms']:>8.3f}")
+    if overall["t_star_mean"] is not None:
+        print(f"T* (mean of first consistent passes) = {overall['t_star_mean']:.1f} (nearest grid point "
+              f"{overall['t_star_mean_nearest_grid']}); q{args.quantile:g} quantile = {overall['t_star_quantile']}")
+    else:
+        print("no molecule passes at two consecutive grid points; extend the grid to larger t")
+    if not args.no_plot:
+        from gaga.plots import plot_gaussianity
+
+        path = plot_gaussianity(
+            summary, out_dir / "gaussianity.png", overall["t_star_mean"], overall["t_star_quantile"], args.quantile,
+            args.alpha, args.mi_threshold, title=f"{args.test_name}: {run['n_selected']} molecules, v mode {mode}",
+        )
+        print(f"plot: {path}")
+    (out_dir / "run_summary.json").write_text(json.dumps({**run, "seconds": round(seconds, 2), "t_star": estimates}, indent=2) + "\n")
+    print(f"results: {out_dir}/results_atoms_<n>.csv; next: python GAGA_step_estimation.py --data_root {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

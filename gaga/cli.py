@@ -1,0 +1,88 @@
+"""Command-line plumbing shared by the GAGA scripts: where the molecules and the schedule
+come from (a run folder or flags), and one-line errors for user mistakes.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable
+
+import numpy as np
+
+from gaga.data import DataSpec, data_spec_from_run, parse_bool, parse_normalize_factors
+
+
+def _bool_flag(value: str) -> bool:
+    try:
+        return parse_bool(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_source_flags(parser: argparse.ArgumentParser, schedule: bool = True) -> None:
+    """--model_path, or the dataset flags (and the schedule flags) with EDM's names and defaults."""
+    group = parser.add_argument_group("data and schedule (a run folder, or flags)")
+    group.add_argument("--model_path", default=None, help="run folder with args.pickle (outputs/<exp_name>); its dataset, normalisation and schedule are used")
+    group.add_argument("--dataset", default="qm9", help="without --model_path: dataset name (qm9)")
+    group.add_argument("--datadir", default=None, help="data cache folder (default qm9/temp; overrides the run's)")
+    group.add_argument("--split", default="train", choices=("train", "valid", "test"))
+    group.add_argument("--remove_h", action="store_true", help="without --model_path: QM9 without hydrogens")
+    group.add_argument("--include_charges", type=_bool_flag, nargs="?", const=True, default=False,
+                       help="without --model_path: append charges/10 as a channel (GAGA's config: False)")
+    group.add_argument("--normalize_factors", default="[1,4,10]", help="without --model_path: positions, one-hot, charges divisors")
+    group.add_argument("--filter_n_atoms", type=int, default=None, help="keep only molecules with exactly this many atoms")
+    if schedule:
+        group.add_argument("--diffusion_noise_schedule", default="polynomial_2")
+        group.add_argument("--diffusion_steps", type=int, default=1000)
+        group.add_argument("--diffusion_noise_precision", type=float, default=1e-5)
+
+
+def resolve_data_spec(args: argparse.Namespace) -> DataSpec:
+    if args.model_path:
+        spec = data_spec_from_run(args.model_path, datadir=args.datadir)
+        if args.filter_n_atoms is not None:
+            spec = DataSpec(**{**spec.__dict__, "filter_n_atoms": args.filter_n_atoms})
+        return spec
+    return DataSpec(
+        dataset=args.dataset,
+        datadir=args.datadir or "qm9/temp",
+        remove_h=bool(args.remove_h),
+        include_charges=bool(args.include_charges),
+        normalize_factors=parse_normalize_factors(args.normalize_factors),
+        filter_n_atoms=args.filter_n_atoms,
+    )
+
+
+def resolve_gamma(args: argparse.Namespace) -> np.ndarray:
+    from gaga.schedule import gamma_table_from_flags, gamma_table_from_run  # imports torch: only when needed
+
+    if args.model_path:
+        return gamma_table_from_run(args.model_path)
+    return gamma_table_from_flags(args.diffusion_noise_schedule, args.diffusion_steps, args.diffusion_noise_precision)
+
+
+def source_record(args: argparse.Namespace, spec: DataSpec) -> dict:
+    """What the numbers were computed from, for the JSON outputs."""
+    record = {"model_path": args.model_path, "split": args.split, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()}}
+    if hasattr(args, "diffusion_steps") and not args.model_path:
+        record.update(
+            diffusion_noise_schedule=args.diffusion_noise_schedule,
+            diffusion_steps=args.diffusion_steps,
+            diffusion_noise_precision=args.diffusion_noise_precision,
+        )
+    return record
+
+
+def one_line_errors(main: Callable[..., int | None]) -> Callable[..., int | None]:
+    """Turn user mistakes (bad values, missing files) into 'error: ...' and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*a, **kw):
+        try:
+            return main(*a, **kw)
+        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
