@@ -114,6 +114,7 @@ def test_bad_flags_are_argparse_errors(argv, expected, capsys):
     (["--normalize_factors", "[1,4]"], "needs 3 numbers"),
     (["--conditioning", "alpha"], "not supported"),
     (["--dataset_var", "0"], "--dataset_var must be positive"),
+    (["--diffusion_steps", "1000", "--max_t", "550", "--sampling_step_size", "3"], "must divide the chain's start"),
 ])
 def test_inconsistent_flags_are_one_line_errors(argv, expected):
     with pytest.raises(SystemExit) as exit_info:

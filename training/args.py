@@ -200,6 +200,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--dataset_var must be positive, got {args.dataset_var}")
     if args.sampling_step_size < 1:
         raise SystemExit(f"--sampling_step_size must be >= 1, got {args.sampling_step_size}")
+    start = args.diffusion_steps if args.max_t is None else args.max_t
+    if start % args.sampling_step_size:
+        raise SystemExit(
+            f"--sampling_step_size {args.sampling_step_size} must divide the chain's start "
+            f"({'--max_t' if args.max_t is not None else '--diffusion_steps'} = {start})"
+        )
     if args.data_subset is not None and args.data_subset < 1:
         raise SystemExit(f"--data_subset must be >= 1, got {args.data_subset}")
     if args.conditioning:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from configs.run_args import resolved_max_t
 from equivariant_diffusion.utils import remove_mean_with_mask, sample_center_gravity_zero_gaussian_with_mask
 from qm9.losses import compute_loss_and_nll, preprocess_batch
 from training.checkpoint import unwrap
@@ -212,8 +213,6 @@ def test(
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     """Sampler options of a run: the Gaussian start at its own max_t (if < T) with its dataset_var."""
-    from configs.run_args import resolved_max_t
-
     T = int(args.diffusion_steps)
     max_t = resolved_max_t(args)
     return dict(
@@ -266,7 +265,7 @@ def concat_molecules(groups: list[dict[str, list[torch.Tensor]] | dict[str, torc
     for g in groups:
         for k in tensors:
             v = g[k]
-            tensors[k].extend(v if isinstance(v, list) else [v])
+            tensors[k].extend(t for t in (v if isinstance(v, list) else [v]) if t.size(0) > 0)
     if not tensors["x"]:
         return {"one_hot": torch.zeros(0, 0, 0), "x": torch.zeros(0, 0, 3), "node_mask": torch.zeros(0, 0, 1)}
     n_max = max(t.size(1) for t in tensors["x"])
