@@ -152,15 +152,16 @@ def test_tiny_gaga_run_trains_samples_and_evaluates(tmp_path, qm9_datadir):
     import eval_sample
     from training.run import main
 
+    # A few hundred molecules: 256 per split, 4 batches of 64 per epoch.
     summary = main(tiny_argv(tmp_path, qm9_datadir, "--include_charges=False", "--max_t", "5", "--dataset_var", "0.848",
-                             "--visualize_every_batch", "2"))
+                             "--visualize_every_batch", "3", "--data_subset", "256", "--batch_size", "64"))
     run = tmp_path / "tiny"
     for name in ("args.pickle", "generative_model.npy", "generative_model_ema.npy", "optim.npy", "resume_state.pt"):
         assert (run / name).is_file(), name
     args = load_run_args(run)
     assert args.zero_center_h is True and args.max_t == 5 and args.current_epoch >= 1
     assert np.isfinite(summary["best_nll_val"]) and np.isfinite(summary["best_nll_test"])
-    assert summary["state"]["epoch"] == 2 and summary["state"]["global_step"] == 4
+    assert summary["state"]["epoch"] == 2 and summary["state"]["global_step"] == 8
     assert set(summary["stability"]) >= {"mol_stable", "atm_stable", "validity", "uniqueness"}
     # The EMA moved away from the initial weights and lags behind the model.
     assert any(not torch.equal(p, q) for p, q in zip(summary["model"].parameters(), summary["model_ema"].parameters()))
@@ -178,6 +179,18 @@ def test_tiny_gaga_run_trains_samples_and_evaluates(tmp_path, qm9_datadir):
     assert saved["sampling"] == {"start_step": 5, "dataset_var": 0.848, "step_size": 1, "sampler": "ddpm"}
     assert len(list((run / "analyzed_molecules").glob("molecule_*.xyz"))) == 6
     assert (run / "analyzed_molecules" / "molecules.sdf").read_text().count("$$$$") == 6
+
+    # A GAGA-fork args.pickle lacks our fields: the run still loads, in GAGA mode (it has max_t), with EDM defaults.
+    import pickle
+
+    legacy = vars(load_run_args(run))
+    for field in ("zero_center_h", "dataset_var", "sampling_step_size", "sampler", "seed", "data_subset", "output_root",
+                  "checkpoint_every_steps", "nan_patience", "stop_after_steps", "aggregation_method"):
+        legacy.pop(field)
+    (run / "args.pickle").write_bytes(pickle.dumps(argparse.Namespace(**legacy)))
+    record = eval_analyze.main(["--model_path", str(run), "--n_samples", "4", "--no_novelty",
+                                "--metrics_json", str(tmp_path / "legacy.json")])
+    assert record["sampling"] == {"start_step": 5, "dataset_var": 1.0, "step_size": 1, "sampler": "ddpm"}
 
     written = eval_sample.main(["--model_path", str(run), "--n_samples", "2", "--n_chains", "1", "--n_tries", "1",
                                 "--keep_frames", "3", "--n_nodes", "9"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -57,6 +58,11 @@ class TrainState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainState":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _bar_interval() -> float:
+    """Seconds between progress-bar refreshes: often on a terminal, rarely into a log file."""
+    return 0.5 if sys.stderr.isatty() else 60.0
 
 
 def random_rotation(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +119,7 @@ def train_epoch(
     n_iterations = state.step_in_epoch + len(loader)
     nll_epoch: list[float] = []
     bar = tqdm(loader, total=len(loader), initial=0, desc=f"epoch {epoch}", disable=not ctx.is_main,
-               dynamic_ncols=True, leave=False)
+               dynamic_ncols=True, leave=False, mininterval=_bar_interval())
     for i, data in enumerate(bar, start=state.step_in_epoch):
         x, h, node_mask, edge_mask, context = _prepare(args, data, device, dtype)
         optim.zero_grad(set_to_none=True)
@@ -196,7 +202,8 @@ def test(
     was_training = eval_model.training
     eval_model.eval()
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"{partition} NLL epoch {epoch}", disable=not ctx.is_main, dynamic_ncols=True, leave=False)
+    bar = tqdm(loader, desc=f"{partition} NLL epoch {epoch}", disable=not ctx.is_main, dynamic_ncols=True, leave=False,
+               mininterval=_bar_interval())
     for data in bar:
         x, h, node_mask, edge_mask, context = preprocess_batch(
             data, device, dtype, args.include_charges, args.zero_center_h
@@ -247,7 +254,8 @@ def sample_molecules(
     model_sample.eval()
     parts: dict[str, list[torch.Tensor]] = {"one_hot": [], "x": [], "node_mask": []}
     sizes = [min(batch_size, n_samples - start) for start in range(0, n_samples, batch_size)]
-    for size in tqdm(sizes, desc="sampling", disable=not progress, dynamic_ncols=True, leave=False):
+    for size in tqdm(sizes, desc="sampling", disable=not progress, dynamic_ncols=True, leave=False,
+                     mininterval=_bar_interval()):
         nodesxsample = nodes_dist.sample(size)
         one_hot, charges, x, node_mask = sample(
             args, device, model_sample, dataset_info, prop_dist, nodesxsample=nodesxsample, **options
