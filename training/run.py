@@ -185,7 +185,10 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, resuming: b
             )
             state.epoch, state.step_in_epoch = epoch + 1, 0
             if ctx.is_main:
-                print(f"Epoch {epoch}: train NLL {train_nll:.4f}, took {time.time() - start:.1f} s")
+                resets = getattr(getattr(ckpt.unwrap(model), "dynamics", None), "nan_resets", 0)
+                notes = f"; skipped batches so far {state.nan_total}" if state.nan_total else ""
+                notes += f"; network NaN resets so far {resets}" if resets else ""
+                print(f"Epoch {epoch}: train NLL {train_nll:.4f}, took {time.time() - start:.1f} s{notes}")
             if epoch % args.test_epochs == 0:
                 logger.log(ckpt.unwrap(model).log_info() if hasattr(ckpt.unwrap(model), "log_info") else {})
                 if not args.break_train_epoch:
