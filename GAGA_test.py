@@ -1,0 +1,141 @@
+"""Sample a trained run with GAGA's Gaussian shortcut and report quality and speed (GAGA_test.py).
+
+    python GAGA_test.py --model_path=outputs/edm_qm9_GA_550 --n_samples=10000 \
+        --sampling_step_size=1 --shortcut=Gaussian --test_name=QM9_GA \
+        --dataset_var=0.848 --GA_timestep=550 --iteration=3
+
+``--shortcut Gaussian`` starts the reverse chain at T* (--GA_timestep) from N(0, v_T* I) with
+v_t = alpha_t^2 dataset_var + sigma_t^2; ``--shortcut none`` runs EDM's full chain from T.
+``--sampler ddim`` makes the steps deterministic (DDIM) and stacks with both. ``--compare``
+evaluates four settings in one table: full chain, Gaussian shortcut, DDIM with stride
+--ddim_stride, and DDIM + shortcut. Each iteration samples --n_samples molecules, times the
+sampling and evaluates EDM's metrics; the mean ± std over iterations is printed and written
+to <model_path>/GAGA_test_<test_name>.md/.json, and a line is appended to
+<model_path>/EDM_GA-T=<T*>-Shortcut_log.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from training.args import str2bool
+from training import sampling_benchmark as bench
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", type=str, required=True, help="run folder holding args.pickle and the weights")
+    p.add_argument("--n_samples", type=int, default=10000, help="molecules per iteration")
+    p.add_argument("--batch_size_gen", type=int, default=100, help="molecules per sampling batch")
+    p.add_argument("--sampling_step_size", type=int, default=1, help="stride of the reverse chain (s = t - stride)")
+    p.add_argument("--shortcut", type=str, default="Gaussian", choices=("Gaussian", "none"),
+                   help="'Gaussian': start at --GA_timestep from N(0, v_T* I); 'none': EDM's full chain from T")
+    p.add_argument("--sampler", type=str, default="ddpm", choices=("ddpm", "ddim"))
+    p.add_argument("--test_name", type=str, default="QM9_GA", help="names the output files")
+    p.add_argument("--dataset_var", type=float, default=None,
+                   help="dataset variance v of the Gaussian start (QM9 0.848, GEOM 0.952; default: the run's)")
+    p.add_argument("--GA_timestep", type=int, default=None, help="T* (default: the run's --max_t)")
+    p.add_argument("--iteration", type=int, default=3, help="repetitions for mean ± std")
+    p.add_argument("--save_to_xyz", type=str2bool, default=False, help="write the first iteration's molecules as XYZ files")
+    p.add_argument("--compare", action="store_true", help="evaluate full chain, shortcut, DDIM and DDIM + shortcut in one table")
+    p.add_argument("--ddim_stride", type=int, default=2, help="stride of the DDIM rows of --compare")
+    p.add_argument("--seed", type=int, default=0, help="iteration i uses seed + i")
+    p.add_argument("--use_ema", type=str2bool, default=True, help="sample with the EMA weights when the run has them")
+    p.add_argument("--no_novelty", action="store_true", help="skip novelty (needs the training SMILES, cached after one run)")
+    p.add_argument("--datadir", type=str, default=None, help="dataset cache folder, for novelty (default: the run's)")
+    p.add_argument("--no-cuda", dest="no_cuda", action="store_true")
+    return p
+
+
+def _defaults_from_run(flags: argparse.Namespace, args: argparse.Namespace) -> tuple[int | None, float]:
+    """T* and v: the flags, else what the run was trained with."""
+    from configs.run_args import resolved_max_t
+
+    T = int(args.diffusion_steps)
+    t_star = flags.GA_timestep
+    if t_star is None and resolved_max_t(args) < T:
+        t_star = resolved_max_t(args)
+    dataset_var = flags.dataset_var
+    if dataset_var is None:
+        dataset_var = getattr(args, "dataset_var", None)
+    if dataset_var is None:
+        if flags.shortcut == "Gaussian" or flags.compare:
+            raise ValueError("the run records no dataset variance: pass --dataset_var (QM9 0.848, GEOM 0.952)")
+        dataset_var = 1.0
+    return t_star, float(dataset_var)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    from training.evaluate import evaluate_molecules, load_run, training_smiles
+    from training.loop import sample_molecules
+
+    flags = build_parser().parse_args(argv)
+    try:
+        bench.check_sample_counts(flags.n_samples, flags.batch_size_gen, flags.iteration)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    device = torch.device("cuda" if torch.cuda.is_available() and not flags.no_cuda else "cpu")
+    run = load_run(flags.model_path, device, use_ema=flags.use_ema, datadir=flags.datadir)
+    args, T = run.args, int(run.args.diffusion_steps)
+    try:
+        t_star, dataset_var = _defaults_from_run(flags, args)
+        if flags.compare:
+            if t_star is None:
+                raise ValueError("--compare needs --GA_timestep (T*), or a run trained with --max_t")
+            settings = bench.comparison_settings(T, t_star, flags.ddim_stride, dataset_var)
+        else:
+            settings = [bench.single_setting(flags.shortcut, t_star, flags.sampling_step_size, flags.sampler, dataset_var, T)]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+    smiles = None if flags.no_novelty else training_smiles(args, run.dataset_info)
+
+    def sample_fn(n: int, options: dict) -> dict:
+        return sample_molecules(args, run.model, run.nodes_dist, run.dataset_info, device, n,
+                                batch_size=flags.batch_size_gen, prop_dist=run.prop_dist, options=options)
+
+    def evaluate_fn(molecules: dict) -> dict:
+        return evaluate_molecules(molecules, run.dataset_info, smiles)
+
+    run_dir = Path(flags.model_path)
+    # One untimed single-step draw, so one-off start-up costs do not land on the first setting.
+    sample_fn(1, dict(start_step=1, dataset_var=dataset_var, step_size=1, sampler="ddpm"))
+    results = []
+    for setting in settings:
+        print(f"[GAGA_test] {setting.label}: {setting.n_steps(T)} steps, {flags.n_samples} molecules x {flags.iteration}",
+              file=sys.stderr)
+        on_iteration = None
+        if flags.save_to_xyz and setting is settings[0]:
+            on_iteration = _xyz_writer(run_dir / f"GAGA_test_{flags.test_name}_xyz", run.dataset_info)
+        result = bench.run_setting(setting, sample_fn, evaluate_fn, flags.n_samples, flags.iteration, T, device,
+                                   seed=flags.seed, on_iteration=on_iteration)
+        results.append(result)
+        bench.append_gaga_log(run_dir, setting.start_step or T, bench.gaga_log_line(result, flags.test_name))
+
+    baseline = 0 if flags.compare else None
+    table = bench.markdown_table(results, baseline_index=baseline)
+    print(table)
+    meta = {"model_path": str(run_dir), "weights": str(run.weights), "test_name": flags.test_name,
+            "dataset_var": dataset_var, "GA_timestep": t_star, "T": T}
+    md, js = bench.save_report(results, run_dir / f"GAGA_test_{flags.test_name}", baseline, meta)
+    print(f"saved {md} and {js}", file=sys.stderr)
+    return results
+
+
+def _xyz_writer(folder: Path, dataset_info: dict):
+    from qm9 import visualizer
+
+    def write(iteration: int, metrics: dict, molecules: dict) -> None:
+        if iteration == 0:
+            visualizer.save_xyz_file(folder, molecules["one_hot"], None, molecules["x"], dataset_info,
+                                     node_mask=molecules["node_mask"], name="molecule")
+
+    return write
+
+
+if __name__ == "__main__":
+    main()

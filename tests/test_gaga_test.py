@@ -1,0 +1,142 @@
+"""GAGA_test.py: Gaussian-shortcut sampling evaluation on our runs and on legacy run folders."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import GAGA_test
+from configs.datasets_config import get_dataset_info
+from configs.run_args import save_run_args
+from equivariant_diffusion.noise_schedule import gamma_table
+from qm9.models import get_model
+from test_models import gaga_qm9_args, reference_shapes
+from training import sampling_benchmark as bench
+from training.args import default_args
+
+
+def tiny_run(folder: Path, **changes) -> Path:
+    """A run folder as our training writes it: args.pickle + EMA weights of a tiny untrained model."""
+    args = default_args("qm9")
+    fields = dict(nf=16, n_layers=1, diffusion_steps=100, max_t=50, dataset_var=0.848, zero_center_h=True,
+                  include_charges=False, exp_name=folder.name, diffusion_noise_schedule="polynomial_2")
+    fields.update(changes)
+    for key, value in fields.items():
+        setattr(args, key, value)
+    torch.manual_seed(0)
+    model, _, _ = get_model(args, "cpu", get_dataset_info("qm9", False), None)
+    save_run_args(folder, args)
+    torch.save(model.state_dict(), folder / "generative_model_ema.npy")
+    torch.save(model.state_dict(), folder / "generative_model.npy")
+    return folder
+
+
+def run_gaga_test(folder: Path, *flags: str) -> list[dict]:
+    return GAGA_test.main(["--model_path", str(folder), "--no-cuda", "--no_novelty", *flags])
+
+
+def test_comparison_mode_writes_one_table_with_four_settings(tmp_path):
+    run = tiny_run(tmp_path / "tiny")
+    results = run_gaga_test(run, "--compare", "--GA_timestep", "50", "--ddim_stride", "5", "--n_samples", "4",
+                            "--batch_size_gen", "4", "--iteration", "2", "--test_name", "cmp")
+    assert [r["steps"] for r in results] == [100, 50, 20, 10]
+    assert [r["setting"]["sampler"] for r in results] == ["ddpm", "ddpm", "ddim", "ddim"]
+    assert [r["setting"]["start_step"] for r in results] == [None, 50, None, 50]
+    for r in results:
+        assert len(r["iterations"]) == 2
+        assert 0.0 <= r["mean"]["atm_stable"] <= 1.0 and r["mean"]["s_per_molecule"] > 0
+    table = (run / "GAGA_test_cmp.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 5 and "speed-up" in table and "1.00x" in table
+    saved = json.loads((run / "GAGA_test_cmp.json").read_text())
+    assert saved["meta"]["GA_timestep"] == 50 and saved["meta"]["dataset_var"] == 0.848
+    assert len((run / "EDM_GA-T=50-Shortcut_log.txt").read_text().splitlines()) == 2
+    assert len((run / "EDM_GA-T=100-Shortcut_log.txt").read_text().splitlines()) == 2
+
+
+def test_defaults_come_from_the_run_and_xyz_files_are_written(tmp_path):
+    run = tiny_run(tmp_path / "tiny")
+    (result,) = run_gaga_test(run, "--n_samples", "3", "--batch_size_gen", "3", "--iteration", "1",
+                              "--save_to_xyz", "True", "--test_name", "t")
+    assert result["setting"]["start_step"] == 50 and result["setting"]["dataset_var"] == 0.848
+    assert result["steps"] == 50
+    assert len(list((run / "GAGA_test_t_xyz").glob("*.xyz"))) == 3
+
+
+def test_gaussian_shortcut_with_stride_and_ddim(tmp_path):
+    run = tiny_run(tmp_path / "tiny")
+    (result,) = run_gaga_test(run, "--GA_timestep", "40", "--sampling_step_size", "4", "--sampler", "ddim",
+                              "--n_samples", "2", "--batch_size_gen", "2", "--iteration", "1")
+    assert result["steps"] == 10 and result["setting"]["sampler"] == "ddim"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--GA_timestep", "0"], r"--GA_timestep must be in \[1, 100\]"),
+    (["--GA_timestep", "2000"], r"--GA_timestep must be in \[1, 100\]"),
+    (["--GA_timestep", "50", "--sampling_step_size", "3"], "not a multiple of --sampling_step_size 3"),
+    (["--n_samples", "5", "--batch_size_gen", "10"], "smaller than --batch_size_gen"),
+])
+def test_bad_flags_fail_before_any_sampling(tmp_path, monkeypatch, flags, message):
+    run = tiny_run(tmp_path / "tiny")
+    monkeypatch.setattr("training.loop.sample_molecules", lambda *a, **k: pytest.fail("sampled despite bad flags"))
+    with pytest.raises(SystemExit, match=message):
+        run_gaga_test(run, *flags)
+
+
+def test_folder_without_weights_or_args_is_a_one_line_error(tmp_path):
+    run = tiny_run(tmp_path / "tiny")
+    (run / "generative_model_ema.npy").unlink()
+    (run / "generative_model.npy").unlink()
+    with pytest.raises(SystemExit, match="generative_model"):
+        run_gaga_test(run, "--n_samples", "2", "--batch_size_gen", "2")
+    with pytest.raises(SystemExit, match="args.pickle is missing"):
+        run_gaga_test(tmp_path, "--n_samples", "2", "--batch_size_gen", "2")
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_args_pickle_is_refused_without_running_it(tmp_path):
+    run = tiny_run(tmp_path / "tiny")
+    marker = tmp_path / "payload_ran"
+    (run / "args.pickle").write_bytes(pickle.dumps(argparse.Namespace(nf=16, hook=_Payload(marker))))
+    with pytest.raises(SystemExit, match="refusing to unpickle"):
+        run_gaga_test(run, "--n_samples", "2", "--batch_size_gen", "2")
+    assert not marker.exists()
+
+
+def test_legacy_gaga_fork_run_folder_loads_and_samples(tmp_path):
+    """A folder as the GAGA fork writes it: a plain Namespace of its fields, weights under EDM's key names."""
+    run = tmp_path / "edm_qm9_GA_550"
+    run.mkdir()
+    legacy = gaga_qm9_args(exp_name="edm_qm9_GA_550", ema_decay=0.9999, n_epochs=1650, batch_size=256,
+                           datadir="qm9/temp", dp=True, n_stability_samples=1000)
+    (run / "args.pickle").write_bytes(pickle.dumps(legacy))
+    generator = torch.Generator().manual_seed(0)
+    state = {key: torch.randn(shape, generator=generator) * 0.02 for key, shape in reference_shapes().items()}
+    state["gamma.gamma"] = gamma_table("polynomial_2", 1000, 1e-5)
+    state["buffer"] = torch.zeros(1)
+    torch.save(state, run / "generative_model_ema.npy")
+    (result,) = run_gaga_test(run, "--GA_timestep", "4", "--dataset_var", "0.848", "--n_samples", "2",
+                              "--batch_size_gen", "2", "--iteration", "1", "--test_name", "QM9_GA")
+    assert result["steps"] == 4 and result["setting"]["start_step"] == 4
+    assert (run / "GAGA_test_QM9_GA.md").exists()
+    assert (run / "EDM_GA-T=4-Shortcut_log.txt").exists()
+
+
+def test_settings_validate_like_the_sampler():
+    with pytest.raises(ValueError, match="needs --GA_timestep"):
+        bench.single_setting("Gaussian", None, 1, "ddpm", 0.848, 1000)
+    with pytest.raises(ValueError, match="chain length T = 1000 is not a multiple"):
+        bench.single_setting("none", None, 3, "ddpm", 1.0, 1000)
+    settings = bench.comparison_settings(1000, 550, 2, 0.848)
+    assert [s.n_steps(1000) for s in settings] == [1000, 550, 500, 275]
