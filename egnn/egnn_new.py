@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from egnn.dense_ops import gated_sum, linear, masked_sum, pair_preactivation
+
 
 def pairwise_differences(x: torch.Tensor) -> torch.Tensor:
     """diff[b, i, j] = x[b, i] - x[b, j], shape (B, N, N, 3)."""
@@ -30,34 +32,48 @@ def squared_distances(x: torch.Tensor) -> torch.Tensor:
     return pairwise_differences(x).pow(2).sum(-1, keepdim=True)
 
 
-def factorised_edge_linear(
-    linear: nn.Linear, h: torch.Tensor, edge_attr: torch.Tensor
-) -> torch.Tensor:
-    """``linear(cat([h_i, h_j, edge_attr_ij]))`` on the dense grid, without the concatenation.
+def factorised_preactivation(layer: nn.Linear, h: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
+    """``layer(cat([h_i, h_j, edge_attr_ij]))`` on the dense grid, without the concatenation.
 
-    ``linear.weight`` is (out, 2*nf + ef); its three column blocks act on h_i (receiver),
-    h_j (sender) and the edge features. Returns (B, N, N, out).
+    ``layer.weight`` is (H, 2*nf + ef); its column blocks act on h_i (receiver), h_j (sender)
+    and the edge features. Both per-atom projections come from one GEMM. Returns (B, N, N, H).
     """
     nf = h.shape[-1]
-    weight = linear.weight
-    receiver = nn.functional.linear(h, weight[:, :nf], linear.bias)  # (B, N, out)
-    sender = nn.functional.linear(h, weight[:, nf : 2 * nf])  # (B, N, out)
-    edge = nn.functional.linear(edge_attr, weight[:, 2 * nf :])  # (B, N, N, out)
-    return edge + receiver.unsqueeze(2) + sender.unsqueeze(1)
+    weight, bias = layer.weight, layer.bias
+    hidden = weight.shape[0]
+    stacked = torch.cat([weight[:, :nf], weight[:, nf : 2 * nf]], dim=0)  # (2H, nf)
+    stacked_bias = torch.cat([bias, torch.zeros_like(bias)]) if bias is not None else None
+    projections = linear(h, stacked, stacked_bias)  # (B, N, 2H)
+    receiver, sender = projections[..., :hidden], projections[..., hidden:]
+    return pair_preactivation(receiver, sender, edge_attr, weight[:, 2 * nf :])
 
 
-def aggregate(messages: torch.Tensor, weights: torch.Tensor, aggregation_method: str, normalization_factor: float) -> torch.Tensor:
-    """sum_j weights[b,i,j] * messages[b,i,j,:], then EDM's normalisation.
+def _is_silu(module: nn.Module) -> bool:
+    return type(module) is nn.SiLU
 
-    messages (B, N, N, C), weights (B, N, N, 1) (edge mask, possibly times attention).
-    'sum' divides by normalization_factor; 'mean' divides by the number of edge slots of a
-    node, which in EDM's graph is N (masked pairs and the self loop included).
-    """
-    agg = torch.matmul(weights.transpose(-1, -2), messages).squeeze(-2)  # (B, N, C)
+
+def _activate(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(x), in place when nothing needs the input (no autograd graph)."""
+    if _is_silu(act):
+        return nn.functional.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
+    return act(x)
+
+
+def _linear_act(layer: nn.Linear, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(layer(x)), with SiLU fused into the GEMM where possible."""
+    if _is_silu(act):
+        return linear(x, layer.weight, layer.bias, silu=True)
+    return act(linear(x, layer.weight, layer.bias))
+
+
+def aggregate_scale(agg: torch.Tensor, n_slots: int, aggregation_method: str, normalization_factor: float) -> torch.Tensor:
+    """EDM's normalisation of an aggregated sum: 'sum' divides by normalization_factor, 'mean'
+    by the number of edge slots of a node, which in EDM's graph is N (masked pairs and the
+    self loop included)."""
     if aggregation_method == "sum":
         return agg / normalization_factor
     if aggregation_method == "mean":
-        return agg / messages.shape[2]
+        return agg / n_slots
     raise ValueError(f"unknown aggregation_method {aggregation_method!r}; choose 'sum' or 'mean'")
 
 
@@ -94,12 +110,18 @@ class GCL(nn.Module):
     def forward(
         self, h: torch.Tensor, edge_attr: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor
     ) -> torch.Tensor:
-        act = self.edge_mlp[1]
-        m = act(factorised_edge_linear(self.edge_mlp[0], h, edge_attr))
-        m = self.edge_mlp[3](self.edge_mlp[2](m))
-        gate = self.att_mlp(m) * edge_mask if self.attention else edge_mask
-        agg = aggregate(m, gate, self.aggregation_method, self.normalization_factor)
-        h = h + self.node_mlp(torch.cat([h, agg], dim=-1))
+        mlp = self.edge_mlp
+        m = _activate(mlp[1], factorised_preactivation(mlp[0], h, edge_attr))
+        m = _linear_act(mlp[2], mlp[3], m)
+        if self.attention and type(self.att_mlp[1]) is nn.Sigmoid:
+            agg = gated_sum(m, self.att_mlp[0].weight, self.att_mlp[0].bias, edge_mask)
+        else:
+            gate = self.att_mlp(m) * edge_mask if self.attention else edge_mask
+            agg = masked_sum(m, gate)
+        agg = aggregate_scale(agg, m.shape[2], self.aggregation_method, self.normalization_factor)
+        node = self.node_mlp
+        update = linear(_linear_act(node[0], node[1], torch.cat([h, agg], dim=-1)), node[2].weight, node[2].bias)
+        h = h + update
         return h * node_mask
 
 
@@ -139,10 +161,12 @@ class EquivariantUpdate(nn.Module):
         edge_mask: torch.Tensor,
     ) -> torch.Tensor:
         mlp = self.coord_mlp
-        c = mlp[1](factorised_edge_linear(mlp[0], h, edge_attr))
-        c = mlp[4](mlp[3](mlp[2](c)))  # (B, N, N, 1)
+        c = _activate(mlp[1], factorised_preactivation(mlp[0], h, edge_attr))
+        c = _linear_act(mlp[2], mlp[3], c)
+        c = nn.functional.linear(c, mlp[4].weight, mlp[4].bias)  # (B, N, N, 1)
         weight = torch.tanh(c) * self.coords_range if self.tanh else c
-        agg = aggregate(coord_diff, weight * edge_mask, self.aggregation_method, self.normalization_factor)
+        agg = masked_sum(coord_diff, weight * edge_mask)
+        agg = aggregate_scale(agg, coord_diff.shape[2], self.aggregation_method, self.normalization_factor)
         return (x + agg) * node_mask
 
 
@@ -291,8 +315,8 @@ class EGNN(nn.Module):
         distances = squared_distances(x)
         if self.sin_embedding is not None:
             distances = self.sin_embedding(distances)
-        h = self.embedding(h)
+        h = linear(h, self.embedding.weight, self.embedding.bias)
         for i in range(self.n_layers):
             h, x = self._modules[f"e_block_{i}"](h, x, node_mask, edge_mask, edge_attr=distances)
-        h = self.embedding_out(h)
+        h = linear(h, self.embedding_out.weight, self.embedding_out.bias)
         return h * node_mask, x

@@ -92,6 +92,8 @@ class EGNN_dynamics_QM9(nn.Module):
         self.zero_center_h = zero_center_h
         # Compute on size groups when that is exact ('sum' aggregation) and saves work.
         self.group_by_size = group_by_size
+        # Largest number of atom pairs per network call (cache-sized edge tensors); 0 = no cap.
+        self.chunk_pairs = 4096
         # How often the NaN guard fired (EDM resets NaN outputs to zero and warns).
         self.nan_resets = 0
         self.to(device)
@@ -183,9 +185,10 @@ class EGNN_dynamics_QM9(nn.Module):
         sizes = mask.sum(1).round().long()
         size_list = sizes.tolist()
         # Per-group fixed cost (kernel launches) expressed in atom pairs: small for wide layers.
-        overhead_pairs = 4.0e6 / (self.hidden_nf + 32)
+        overhead_pairs = 64000.0 / self.hidden_nf
         bounds = plan_size_groups(size_list, overhead_pairs)
-        if len(bounds) == 1 and bounds[0] == n_nodes:
+        max_pairs = self.chunk_pairs if self.chunk_pairs else float("inf")
+        if len(bounds) == 1 and bounds[0] == n_nodes and bs * n_nodes**2 <= max_pairs:
             return None
         # Real atoms first (stable: keeps their order), padding after.
         order = torch.argsort(mask, dim=1, descending=True, stable=True)
@@ -193,9 +196,13 @@ class EGNN_dynamics_QM9(nn.Module):
         lower = -1
         for bound in bounds:
             members = torch.nonzero((sizes > lower) & (sizes <= bound)).flatten()
-            if bound > 0 and len(members):
-                groups.append((members, order[members, :bound]))
             lower = bound
+            if bound == 0 or len(members) == 0:
+                continue
+            # Chunks of at most ~max_pairs atom pairs keep the edge tensors cache-sized.
+            per_chunk = max(1, int(max_pairs // bound**2)) if max_pairs != float("inf") else len(members)
+            for chunk in torch.split(members, per_chunk):
+                groups.append((chunk, order[chunk, :bound]))
         return groups
 
     def _network_grouped(self, t, xh, node_mask, context, groups):

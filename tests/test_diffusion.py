@@ -93,8 +93,9 @@ def test_training_loss_terms_match_reference(name):
 
 
 @pytest.mark.parametrize("name", ef.NAMES)
-def test_training_nll_and_gradients_match_reference(name):
-    model, nodes_dist, args = ef.build(name)
+@pytest.mark.parametrize("group_by_size", [False, True])
+def test_training_nll_and_gradients_match_reference(name, group_by_size):
+    model, nodes_dist, args = ef.build(name, group_by_size=group_by_size)
     model.train()
     ref = ef.load(name)
     nll, reg_term = run_nll(model, nodes_dist, args, name, "loss_train")

@@ -1,0 +1,143 @@
+"""Speed of the paper's QM9 model (nf 256, 9 layers) and a small one (nf 64, 4 layers) on CPU.
+
+Prints JSON: milliseconds per training step (forward + backward of the training loss on a
+batch of 64 real QM9 training molecules, EDM's padded batch) and per sampling step (one
+reverse step z_t -> z_s for 100 molecules with sizes drawn from the QM9 histogram, padded
+to 29 like EDM's sampler), best of ``--repeats``, with 1 and 2 threads; and the speed-up
+over the reference figures (EDM's code on this 2-core machine class).
+
+    python bench/bench_model.py [--repeats 5] [--models full,small] [--threads 1,2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs.datasets_config import get_dataset_info  # noqa: E402
+from qm9.data.collate import make_batch  # noqa: E402
+from qm9.data.qm9 import load_qm9  # noqa: E402
+from qm9.losses import compute_loss_and_nll, preprocess_batch  # noqa: E402
+from qm9.models import get_model  # noqa: E402
+from qm9.sampling import masks_from_sizes  # noqa: E402
+
+MODELS = {"full": dict(nf=256, n_layers=9), "small": dict(nf=64, n_layers=4)}
+# EDM's code, best of 5, seconds: {model: {"train": (1 thread, 2 threads), "sample": (...)}}.
+REFERENCE_S = {
+    "full": {"train": (19.9, 14.8), "sample": (6.7, 6.2)},
+    "small": {"train": (0.47, 0.37), "sample": (0.27, 0.17)},
+}
+
+
+def qm9_args(nf: int, n_layers: int) -> argparse.Namespace:
+    """EDM's QM9 run (outputs/edm_qm9/args.pickle) with the given width and depth."""
+    return argparse.Namespace(
+        model="egnn_dynamics", probabilistic_model="diffusion", nf=nf, n_layers=n_layers, inv_sublayers=1,
+        attention=True, tanh=True, norm_constant=1, sin_embedding=False, normalization_factor=1,
+        aggregation_method="sum", condition_time=True, context_node_nf=0, diffusion_steps=1000,
+        diffusion_noise_schedule="polynomial_2", diffusion_noise_precision=1e-5, diffusion_loss_type="l2",
+        normalize_factors=[1, 4, 10], include_charges=True, conditioning=[], remove_h=False, dataset="qm9",
+    )
+
+
+def training_batch(datadir: str, batch_size: int, seed: int) -> dict:
+    arrays = load_qm9(datadir, "train", progress=False)
+    rows = np.random.default_rng(seed).choice(len(arrays["num_atoms"]), batch_size, replace=False)
+    return make_batch(arrays["positions"][rows], arrays["charges"][rows], arrays["one_hot"][rows],
+                      arrays["num_atoms"][rows], arrays["index"][rows])
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up (allocator, first-call overheads)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1000.0
+
+
+def bench_model(args, batch, sample_sizes, repeats: int, threads: list[int]) -> dict:
+    info = get_dataset_info("qm9", False)
+    torch.manual_seed(0)
+    model, nodes_dist, _ = get_model(args, "cpu", info, None)
+    x, h, node_mask, edge_mask, context = preprocess_batch(batch, "cpu", torch.float32, True, False)
+
+    def train_step():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        nll, _, _ = compute_loss_and_nll(args, model, nodes_dist, x, h, node_mask, edge_mask, context)
+        nll.backward()
+
+    s_node_mask, s_edge_mask = masks_from_sizes(sample_sizes, info["max_n_nodes"], "cpu")
+    gen = torch.Generator().manual_seed(1)
+    z = model.sample_combined_position_feature_noise(len(sample_sizes), info["max_n_nodes"], s_node_mask)
+    t = torch.full((len(sample_sizes), 1), 500) / 1000
+    s = torch.full((len(sample_sizes), 1), 499) / 1000
+    del gen
+
+    def sample_step():
+        model.eval()
+        with torch.no_grad():
+            model.sample_p_zs_given_zt(s, t, z, s_node_mask, s_edge_mask, None)
+
+    out = {"train_ms": {}, "sample_ms": {}}
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        out["train_ms"][str(n_threads)] = round(best_of(train_step, repeats), 1)
+        out["sample_ms"][str(n_threads)] = round(best_of(sample_step, repeats), 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="full,small")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--datadir", default="qm9/temp")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_grouping", action="store_true", help="run the network on the padded batch")
+    opts = parser.parse_args(argv)
+    threads = [int(n) for n in opts.threads.split(",")]
+    batch = training_batch(opts.datadir, 64, opts.seed)
+    torch.manual_seed(opts.seed)
+    sample_sizes = torch.distributions.Categorical(
+        torch.tensor(list(get_dataset_info("qm9", False)["n_nodes"].values()), dtype=torch.float64)
+    ).sample((100,))
+    keys = torch.tensor(list(get_dataset_info("qm9", False)["n_nodes"].keys()))
+    sample_sizes = keys[sample_sizes]
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "train_batch": {"molecules": 64, "padded_atoms": int(batch["atom_mask"].shape[1]),
+                        "mean_atoms": float(batch["num_atoms"].float().mean())},
+        "sample_batch": {"molecules": 100, "padded_atoms": 29, "mean_atoms": float(sample_sizes.float().mean())},
+        "repeats": opts.repeats,
+        "models": {},
+    }
+    for name in opts.models.split(","):
+        args = qm9_args(**MODELS[name])
+        args.group_by_size = not opts.no_grouping
+        result = bench_model(args, batch, sample_sizes, opts.repeats, threads)
+        speedup = {}
+        for kind in ("train", "sample"):
+            for i, n_threads in enumerate((1, 2)):
+                if str(n_threads) in result[f"{kind}_ms"]:
+                    ref_ms = REFERENCE_S[name][kind][i] * 1000.0
+                    speedup[f"{kind}_{n_threads}thread"] = round(ref_ms / result[f"{kind}_ms"][str(n_threads)], 2)
+        result["reference_ms"] = {k: [v * 1000.0 for v in pair] for k, pair in REFERENCE_S[name].items()}
+        result["speedup_vs_reference"] = speedup
+        report["models"][name] = {**MODELS[name], **result}
+        print(json.dumps({name: report["models"][name]}), file=sys.stderr)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
