@@ -109,15 +109,19 @@ class _PairPreactivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         edge_attr, w_edge = ctx.saved_tensors
-        hidden, k = grad.shape[-1], edge_attr.shape[-1]
-        grad_flat = grad.reshape(-1, hidden)
-        grad_receiver = grad.sum(2) if ctx.needs_input_grad[0] else None
+        bs, n, _, hidden = grad.shape
+        k = edge_attr.shape[-1]
+        grad = grad.contiguous()
+        # One pass gives both the receiver gradient (sum over senders j) and per-receiver
+        # partial sums of the edge-weight gradient: [1, e_ij]^T @ grad_ij over j.
+        coeff = torch.cat([torch.ones_like(edge_attr[..., :1]), edge_attr], dim=-1).view(bs * n, n, 1 + k)
+        reduced = torch.bmm(coeff.transpose(1, 2), grad.view(bs * n, n, hidden))  # (B*N, 1+K, H)
+        grad_receiver = reduced[:, 0].view(bs, n, hidden) if ctx.needs_input_grad[0] else None
+        grad_w = reduced[:, 1:].sum(0).t() if ctx.needs_input_grad[3] else None
         grad_sender = grad.sum(1) if ctx.needs_input_grad[1] else None
-        grad_edge = grad_w = None
+        grad_edge = None
         if ctx.needs_input_grad[2]:
-            grad_edge = _gemm(grad_flat, w_edge.t().contiguous()).view(edge_attr.shape)
-        if ctx.needs_input_grad[3]:
-            grad_w = _gemm(grad_flat.t(), edge_attr.reshape(-1, k).t())
+            grad_edge = _gemm(grad.view(-1, hidden), w_edge.t().contiguous()).view(edge_attr.shape)
         return grad_receiver, grad_sender, grad_edge, grad_w
 
 
@@ -178,3 +182,4 @@ def gated_sum(m: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, edge_ma
 def masked_sum(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_j weights[b,i,j] * values[b,i,j,:] -> (B, N, C); weights (B, N, N, 1)."""
     return torch.matmul(weights.transpose(-1, -2), values).squeeze(-2)
+

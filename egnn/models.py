@@ -93,7 +93,7 @@ class EGNN_dynamics_QM9(nn.Module):
         # Compute on size groups when that is exact ('sum' aggregation) and saves work.
         self.group_by_size = group_by_size
         # Largest number of atom pairs per network call (cache-sized edge tensors); 0 = no cap.
-        self.chunk_pairs = 4096
+        self.chunk_pairs = int(2**20 // hidden_nf)
         # How often the NaN guard fired (EDM resets NaN outputs to zero and warns).
         self.nan_resets = 0
         self.to(device)

@@ -92,6 +92,8 @@ def sample_chain(
     if getattr(args, "context_node_nf", 0):
         raise ValueError("conditional sampling (context_node_nf > 0) is not supported")
     num_classes = len(dataset_info["atom_decoder"])
+    n_steps = (start_step if start_step is not None else flow.T) // max(int(step_size), 1)
+    keep_frames = max(1, min(keep_frames, n_steps))  # a short chain has fewer frames
     node_mask, edge_mask = masks_from_sizes(torch.tensor([n_nodes]), n_nodes, device)
     one_hot = charges = x = None
     for i in range(n_tries):

@@ -365,3 +365,17 @@ def test_qm9_sample_pads_to_the_dataset_maximum_and_masks():
     assert torch.equal(one_hot.sum(-1, keepdim=True), node_mask)
     with pytest.raises(ValueError, match=r"atom counts must be in \[1, 29\]"):
         sample(args, "cpu", model, info, nodesxsample=torch.tensor([30]))
+
+
+def test_qm9_sample_chain_runs_from_noise_to_a_decoded_molecule():
+    pytest.importorskip("qm9.analyze")
+    from configs.datasets_config import get_dataset_info
+    from qm9.sampling import sample_chain
+
+    model = small_chain_model(zero_center_h=False)
+    info = get_dataset_info("qm9", False)
+    torch.manual_seed(4)
+    one_hot, charges, x = sample_chain(ef.args_of("gaga"), "cpu", model, 1, info, n_nodes=6, keep_frames=50)
+    # keep_frames is capped by the 20 steps of this schedule; the final frame is repeated 10 times.
+    assert x.shape == (20 + 10, 6, 3) and one_hot.shape == (30, 6, 5) and charges.shape == (30, 6, 0)
+    assert torch.equal(x[-1], x[-10])
