@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.datasets_config import get_dataset_info  # noqa: E402
+from equivariant_diffusion.distributions import DistributionNodes  # noqa: E402
 from qm9.data.collate import make_batch  # noqa: E402
 from qm9.data.qm9 import load_qm9  # noqa: E402
 from qm9.losses import compute_loss_and_nll, preprocess_batch  # noqa: E402
@@ -55,6 +57,16 @@ def training_batch(datadir: str, batch_size: int, seed: int) -> dict:
                       arrays["num_atoms"][rows], arrays["index"][rows])
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def best_of(fn, repeats: int) -> float:
     fn()  # warm-up (allocator, first-call overheads)
     times = []
@@ -78,11 +90,10 @@ def bench_model(args, batch, sample_sizes, repeats: int, threads: list[int]) -> 
         nll.backward()
 
     s_node_mask, s_edge_mask = masks_from_sizes(sample_sizes, info["max_n_nodes"], "cpu")
-    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
     z = model.sample_combined_position_feature_noise(len(sample_sizes), info["max_n_nodes"], s_node_mask)
     t = torch.full((len(sample_sizes), 1), 500) / 1000
     s = torch.full((len(sample_sizes), 1), 499) / 1000
-    del gen
 
     def sample_step():
         model.eval()
@@ -104,18 +115,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--datadir", default="qm9/temp")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no_grouping", action="store_true", help="run the network on the padded batch")
+    parser.add_argument("--no_grouping", action="store_true",
+                        help="run the network on the padded batch (no size groups): the cost of padding")
     opts = parser.parse_args(argv)
     threads = [int(n) for n in opts.threads.split(",")]
     batch = training_batch(opts.datadir, 64, opts.seed)
     torch.manual_seed(opts.seed)
-    sample_sizes = torch.distributions.Categorical(
-        torch.tensor(list(get_dataset_info("qm9", False)["n_nodes"].values()), dtype=torch.float64)
-    ).sample((100,))
-    keys = torch.tensor(list(get_dataset_info("qm9", False)["n_nodes"].keys()))
-    sample_sizes = keys[sample_sizes]
+    sample_sizes = DistributionNodes(get_dataset_info("qm9", False)["n_nodes"]).sample(100)
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+                    # other work on the machine inflates the timings; the reference was quiet
+                    "load_average_at_start": round(os.getloadavg()[0], 2)},
         "train_batch": {"molecules": 64, "padded_atoms": int(batch["atom_mask"].shape[1]),
                         "mean_atoms": float(batch["num_atoms"].float().mean())},
         "sample_batch": {"molecules": 100, "padded_atoms": 29, "mean_atoms": float(sample_sizes.float().mean())},
