@@ -77,6 +77,7 @@ class EGNN_dynamics_QM9(nn.Module):
         if mode != "egnn_dynamics":
             raise ValueError(f"unsupported dynamics mode {mode!r}; only 'egnn_dynamics' is implemented")
         self.mode = mode
+        self.device = device
         self.egnn = EGNN(
             in_node_nf=in_node_nf + context_node_nf, in_edge_nf=1, hidden_nf=hidden_nf, device=device,
             act_fn=act_fn, n_layers=n_layers, attention=attention, tanh=tanh, norm_constant=norm_constant,

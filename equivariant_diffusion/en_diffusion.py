@@ -572,6 +572,8 @@ class EnVariationalDiffusion(nn.Module):
         chain[0] = torch.cat([x, h["categorical"], h["integer"]], dim=2)
         return chain.view(n_samples * keep_frames, *z.size()[1:])
 
-    def log_info(self):
-        """EDM logs gamma_0 and gamma_1 of learned schedules; fixed schedules have nothing to log."""
-        return {}
+    def log_info(self) -> dict[str, float]:
+        """The schedule's log-SNR range, as EDM logs it."""
+        gamma_0 = self.gamma(torch.zeros(1, device=self.buffer.device))
+        gamma_1 = self.gamma(torch.ones(1, device=self.buffer.device))
+        return {"log_SNR_max": -gamma_0.item(), "log_SNR_min": -gamma_1.item()}
