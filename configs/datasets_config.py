@@ -66,3 +66,19 @@ def get_dataset_info(dataset: str, remove_h: bool) -> dict[str, Any]:
 def atom_count_histogram(dataset_info: dict[str, Any]) -> dict[int, int]:
     """``n_nodes`` as a dict sorted by atom count."""
     return dict(sorted(dataset_info["n_nodes"].items()))
+
+
+# GAGA's published figures (seed README): dataset variance v (the mean per-molecule RMS of the
+# centred, normalised features) and the characteristic step T*.
+GAGA_PUBLISHED = {
+    "qm9": {"dataset_var": 0.848, "t_star": 550},
+    "geom": {"dataset_var": 0.952, "t_star": 650},
+}
+
+
+def published_dataset_var(dataset: str) -> float:
+    """GAGA's published v for a dataset (QM9 0.848, GEOM-Drugs 0.952)."""
+    name = _ALIASES.get(str(dataset).lower())
+    if name is None:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(dataset_choices())}")
+    return GAGA_PUBLISHED[name]["dataset_var"]

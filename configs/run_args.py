@@ -97,12 +97,13 @@ def infer_zero_center_h(args: argparse.Namespace) -> bool:
     """Whether a run centres the atom-type features per molecule (GAGA mode).
 
     Our runs record ``zero_center_h``. Legacy runs do not: the GAGA fork's args carry a
-    ``max_t`` attribute (and that fork always centres), EDM's do not.
+    ``max_t`` attribute (and that fork always centres), EDM's do not. A namespace built by
+    hand with ``max_t=None`` counts as EDM.
     """
     value = getattr(args, "zero_center_h", None)
     if value is not None:
         return bool(value)
-    return hasattr(args, "max_t")
+    return getattr(args, "max_t", None) is not None
 
 
 def resolved_max_t(args: argparse.Namespace) -> int:

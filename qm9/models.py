@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from configs.run_args import infer_zero_center_h
 from egnn.models import EGNN_dynamics_QM9
 from equivariant_diffusion.distributions import DistributionNodes
 from equivariant_diffusion.en_diffusion import EnVariationalDiffusion
@@ -21,14 +22,6 @@ from equivariant_diffusion.en_diffusion import EnVariationalDiffusion
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model built from the run's args."""
-
-
-def infer_zero_center_h(args: Any) -> bool:
-    """The run's GAGA mode: its recorded ``zero_center_h``, else True iff it has a ``max_t``."""
-    recorded = getattr(args, "zero_center_h", None)
-    if recorded is not None:
-        return bool(recorded)
-    return getattr(args, "max_t", None) is not None
 
 
 def _with_overrides(args: Any, overrides: dict[str, Any]) -> Any:

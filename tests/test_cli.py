@@ -51,7 +51,7 @@ def test_readme_qm9_command_parses_to_the_gaga_configuration():
     assert args.dp is True and args.no_wandb is True
     assert args.lr == 1e-4 and args.ema_decay == 0.9999
     assert args.max_t == 550 and args.zero_center_h is True  # auto: GAGA mode because --max_t is given
-    assert args.dataset == "qm9" and args.dataset_var == 1.0
+    assert args.dataset == "qm9" and args.dataset_var == 0.848  # GAGA mode: the published QM9 variance
 
 
 def test_readme_geom_command_parses_with_geom_defaults():
@@ -74,7 +74,8 @@ def test_every_edm_flag_exists_with_edm_defaults():
     assert geom["dataset"] == "geom" and geom["lr"] == 5e-4 and geom["nf"] == 192 and geom["n_report_steps"] == 50
     assert geom["normalize_factors"] == [1, 4, 10] and geom["include_charges"] is False
     # GAGA's additions default to plain EDM behaviour.
-    assert qm9["max_t"] is None and qm9["dataset_var"] == 1.0 and qm9["sampling_step_size"] == 1
+    assert qm9["max_t"] is None and qm9["sampling_step_size"] == 1
+    assert parse_args(["--diffusion_noise_schedule", "polynomial_2"]).dataset_var == 1.0  # resolved: no Gaussian start
 
 
 def test_edm_spellings_of_booleans_and_lists():

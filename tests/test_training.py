@@ -190,7 +190,8 @@ def test_tiny_gaga_run_trains_samples_and_evaluates(tmp_path, qm9_datadir):
     (run / "args.pickle").write_bytes(pickle.dumps(argparse.Namespace(**legacy)))
     record = eval_analyze.main(["--model_path", str(run), "--n_samples", "4", "--no_novelty",
                                 "--metrics_json", str(tmp_path / "legacy.json")])
-    assert record["sampling"] == {"start_step": 5, "dataset_var": 1.0, "step_size": 1, "sampler": "ddpm"}
+    # ... and samples from the Gaussian start with the published QM9 variance, as the GAGA fork is run.
+    assert record["sampling"] == {"start_step": 5, "dataset_var": 0.848, "step_size": 1, "sampler": "ddpm"}
 
     written = eval_sample.main(["--model_path", str(run), "--n_samples", "2", "--n_chains", "1", "--n_tries", "1",
                                 "--keep_frames", "3", "--n_nodes", "9"])

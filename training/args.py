@@ -23,6 +23,7 @@ import ast
 import sys
 from typing import Any, Sequence
 
+from configs.datasets_config import published_dataset_var
 from configs.run_args import infer_zero_center_h
 
 SCRIPTS = ("qm9", "geom")
@@ -109,7 +110,8 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     a("--model", type=str, default="egnn_dynamics", help="dynamics network (egnn_dynamics)")
     a("--probabilistic_model", type=str, default="diffusion", help="diffusion")
     a("--diffusion_steps", type=int, default=200, help="T, the number of diffusion steps")
-    a("--diffusion_noise_schedule", type=str, default="learned", help="learned, cosine, polynomial_<power>")
+    a("--diffusion_noise_schedule", type=str, default="learned",
+      help="polynomial_<power> or cosine; EDM's default 'learned' is not implemented here (a clear error)")
     a("--diffusion_noise_precision", type=float, default=1e-5)
     a("--diffusion_loss_type", type=str, default="vlb", help="vlb or l2")
     a("--n_epochs", type=int, default=d["n_epochs"])
@@ -171,7 +173,9 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     # --- GAGA ---
     a("--max_t", type=optional_int, default=None,
       help="largest training timestep (GAGA's T*); default: T. Giving it switches GAGA mode on")
-    a("--dataset_var", type=float, default=1.0, help="data variance for the Gaussian start of sampling (QM9 0.848)")
+    a("--dataset_var", type=float, default=None,
+      help="data variance v of the Gaussian start of sampling; default: GAGA's published value "
+           "(QM9 0.848, GEOM 0.952) when --max_t is given, else 1")
     a("--sampling_step_size", type=int, default=1, help="stride of the reverse chain when sampling")
     a("--zero_center_h", type=zero_center_choice, default="auto",
       help="centre atom-type features per molecule: auto (= true iff --max_t given), true, false")
@@ -196,6 +200,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--normalize_factors needs 3 numbers [x, categorical, integer], got {args.normalize_factors}")
     if args.batch_size < 1 or args.n_epochs < 0 or args.test_epochs < 1:
         raise SystemExit("--batch_size and --test_epochs must be >= 1 and --n_epochs >= 0")
+    if args.dataset_var is None:
+        args.dataset_var = published_dataset_var(args.dataset) if args.max_t is not None else 1.0
     if args.dataset_var <= 0:
         raise SystemExit(f"--dataset_var must be positive, got {args.dataset_var}")
     if args.sampling_step_size < 1:
@@ -259,4 +265,6 @@ def fill_legacy_defaults(args: argparse.Namespace, script: str | None = None) ->
             setattr(out, key, value)
     if isinstance(out.normalize_factors, str):
         out.normalize_factors = number_list(out.normalize_factors)
+    if out.dataset_var is None:  # legacy runs: GAGA-fork runs sample from the published variance
+        out.dataset_var = published_dataset_var(out.dataset) if getattr(out, "max_t", None) is not None else 1.0
     return out
