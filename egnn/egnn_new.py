@@ -11,6 +11,8 @@ What differs is the algebra, which gives the same numbers with much less work:
   The per-atom projections W_a h and W_b h are computed once per layer (O(N) instead of O(N^2));
   only their pairwise sum and the tiny edge term live on the N^2 grid.
 * Aggregation over senders is a masked sum along the j axis of a dense tensor, not a scatter.
+* The big edge GEMMs, the pair pre-activation and the gated sum use the kernels of
+  ``egnn.dense_ops`` (oneDNN GEMMs on CPU, backward passes without broadcast copies).
 """
 from __future__ import annotations
 
