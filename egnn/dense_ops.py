@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from egnn.layout import PairLayout
+
 
 def _probe_onednn_linear():
     """oneDNN's ``_linear_pointwise`` if this torch build has it and it passes a self-check."""
@@ -97,97 +99,131 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _gemm(x.reshape(-1, x.shape[-1]), weight, bias, silu).view(*x.shape[:-1], weight.shape[0])
 
 
-def _pair_preactivation(receiver, sender, edge_attr, w_edge):
+def pair_differences(x: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """diff[(b,i,j)] = x[b,i] - x[b,j] for every pair, flat (n_pairs, C) from flat atoms (n_nodes, C)."""
+    parts = [(xb.unsqueeze(2) - xb.unsqueeze(1)).reshape(-1, x.shape[-1]) for xb in layout.node_blocks(x)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _pair_preactivation(receiver, sender, edge_attr, w_edge, layout):
     hidden = receiver.shape[-1]
-    per_atom = torch.add(receiver.unsqueeze(2), sender.unsqueeze(1))  # (B, N, N, H)
-    edge2 = edge_attr.reshape(-1, edge_attr.shape[-1])
+    per_atom = receiver.new_empty(layout.n_pairs, hidden)
+    for r, s, out in zip(layout.node_blocks(receiver), layout.node_blocks(sender), layout.pair_blocks(per_atom)):
+        torch.add(r.unsqueeze(2), s.unsqueeze(1), out=out)
     if _use_onednn(per_atom):
-        pre = _ONEDNN.binary(edge2, per_atom.view(-1, hidden), w_edge.contiguous(), None, "add")
-    else:
-        pre = per_atom.view(-1, hidden).addmm_(edge2, w_edge.t())
-    return pre.view(per_atom.shape)
+        return _ONEDNN.binary(edge_attr, per_atom, w_edge.contiguous(), None, "add")
+    return per_atom.addmm_(edge_attr, w_edge.t())
 
 
 class _PairPreactivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, receiver, sender, edge_attr, w_edge):
+    def forward(ctx, receiver, sender, edge_attr, w_edge, layout):
         ctx.save_for_backward(edge_attr, w_edge)
-        return _pair_preactivation(receiver, sender, edge_attr, w_edge)
+        ctx.layout = layout
+        return _pair_preactivation(receiver, sender, edge_attr, w_edge, layout)
 
     @staticmethod
     def backward(ctx, grad):
         edge_attr, w_edge = ctx.saved_tensors
-        bs, n, _, hidden = grad.shape
-        k = edge_attr.shape[-1]
+        layout = ctx.layout
+        hidden, k = grad.shape[-1], edge_attr.shape[-1]
         grad = grad.contiguous()
-        # One pass gives both the receiver gradient (sum over senders j) and per-receiver
-        # partial sums of the edge-weight gradient: [1, e_ij]^T @ grad_ij over j.
-        coeff = torch.cat([torch.ones_like(edge_attr[..., :1]), edge_attr], dim=-1).view(bs * n, n, 1 + k)
-        reduced = torch.bmm(coeff.transpose(1, 2), grad.view(bs * n, n, hidden))  # (B*N, 1+K, H)
-        grad_receiver = reduced[:, 0].view(bs, n, hidden) if ctx.needs_input_grad[0] else None
-        grad_w = reduced[:, 1:].sum(0).t() if ctx.needs_input_grad[3] else None
-        grad_sender = grad.sum(1) if ctx.needs_input_grad[1] else None
-        grad_edge = None
-        if ctx.needs_input_grad[2]:
-            grad_edge = _gemm(grad.view(-1, hidden), w_edge.t().contiguous()).view(edge_attr.shape)
-        return grad_receiver, grad_sender, grad_edge, grad_w
+        grad_receiver = grad.new_empty(layout.n_nodes, hidden)
+        grad_sender = grad.new_empty(layout.n_nodes, hidden)
+        grad_w = grad.new_zeros(k, hidden)
+        # One pass per block gives both the receiver gradient (sum over senders j) and partial
+        # sums of the edge-weight gradient: [1, e_ij]^T @ grad_ij over j.
+        coeff = torch.cat([torch.ones_like(edge_attr[:, :1]), edge_attr], dim=1)
+        for g, c, gr, gs in zip(layout.pair_blocks(grad), layout.pair_blocks(coeff),
+                                layout.node_blocks(grad_receiver), layout.node_blocks(grad_sender)):
+            b, m = g.shape[0], g.shape[1]
+            reduced = torch.bmm(c.reshape(b * m, m, 1 + k).transpose(1, 2), g.reshape(b * m, m, hidden))
+            gr.copy_(reduced[:, 0].view(b, m, hidden))
+            grad_w += reduced[:, 1:].sum(0)
+            torch.sum(g, dim=1, out=gs)
+        grad_edge = _gemm(grad, w_edge.t().contiguous()) if ctx.needs_input_grad[2] else None
+        return grad_receiver, grad_sender, grad_edge, grad_w.t(), None
 
 
-def pair_preactivation(receiver: torch.Tensor, sender: torch.Tensor, edge_attr: torch.Tensor, w_edge: torch.Tensor) -> torch.Tensor:
-    """pre[b,i,j] = receiver[b,i] + sender[b,j] + edge_attr[b,i,j] @ w_edge.T  -> (B, N, N, H).
+def pair_preactivation(
+    receiver: torch.Tensor, sender: torch.Tensor, edge_attr: torch.Tensor, w_edge: torch.Tensor, layout: PairLayout
+) -> torch.Tensor:
+    """pre[(b,i,j)] = receiver[b,i] + sender[b,j] + edge_attr[(b,i,j)] @ w_edge.T  -> (n_pairs, H).
 
-    receiver, sender (B, N, H); edge_attr (B, N, N, K) with small K; w_edge (H, K). One
-    fresh buffer; the backward reduces over senders / receivers instead of broadcasting.
+    receiver, sender (n_nodes, H) flat atoms; edge_attr (n_pairs, K) with small K; w_edge (H, K).
+    One fresh buffer; the backward reduces over senders / receivers instead of broadcasting.
     """
     if _needs_grad(receiver, sender, edge_attr, w_edge):
-        return _PairPreactivation.apply(receiver, sender, edge_attr, w_edge)
-    return _pair_preactivation(receiver, sender, edge_attr, w_edge)
+        return _PairPreactivation.apply(receiver, sender, edge_attr, w_edge, layout)
+    return _pair_preactivation(receiver, sender, edge_attr, w_edge, layout)
 
 
-def _gated_sum(m, weight, bias, edge_mask):
-    hidden = m.shape[-1]
-    att = torch.sigmoid(torch.addmm(bias, m.reshape(-1, hidden), weight.t())).view(*m.shape[:-1], 1)
-    agg = torch.matmul((att * edge_mask).transpose(-1, -2), m).squeeze(-2)
-    return agg, att
+def _sum_over_senders(weights: torch.Tensor, values: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """out[b,i] = sum_j weights[(b,i,j)] * values[(b,i,j)], flat (n_nodes, C); no autograd."""
+    channels = values.shape[-1]
+    out = values.new_empty(layout.n_nodes, channels)
+    for w, v, o in zip(layout.pair_blocks(weights), layout.pair_blocks(values), layout.node_blocks(out)):
+        b, m = w.shape[0], w.shape[1]
+        torch.bmm(w.reshape(b * m, m, 1).transpose(1, 2), v.reshape(b * m, m, channels), out=o.view(b * m, 1, channels))
+    return out
+
+
+def _gated_sum(m, weight, bias, edge_mask, layout):
+    att = torch.sigmoid(torch.addmm(bias, m, weight.t()))  # (n_pairs, 1)
+    return _sum_over_senders(att * edge_mask, m, layout), att
 
 
 class _GatedSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, m, weight, bias, edge_mask):
-        agg, att = _gated_sum(m, weight, bias, edge_mask)
+    def forward(ctx, m, weight, bias, edge_mask, layout):
+        agg, att = _gated_sum(m, weight, bias, edge_mask, layout)
         ctx.save_for_backward(m, weight, att, edge_mask)
+        ctx.layout = layout
         return agg
 
     @staticmethod
     def backward(ctx, grad_agg):
         m, weight, att, edge_mask = ctx.saved_tensors
+        layout = ctx.layout
         hidden = m.shape[-1]
+        grad_agg = grad_agg.contiguous()
         gate = att * edge_mask
-        grad_gate = torch.matmul(m, grad_agg.unsqueeze(-1))  # (B, N, N, 1)
+        grad_gate = m.new_empty(layout.n_pairs, 1)
+        for mb, ga, gg in zip(layout.pair_blocks(m), layout.node_blocks(grad_agg), layout.pair_blocks(grad_gate)):
+            b, n = mb.shape[0], mb.shape[1]
+            torch.bmm(mb.reshape(b * n, n, hidden), ga.reshape(b * n, hidden, 1), out=gg.view(b * n, n, 1))
         grad_logit = grad_gate * edge_mask * att * (1 - att)
         # Both message gradients in one batched GEMM with K = 2:
-        # grad_m[b,i,j] = gate[b,i,j] * grad_agg[b,i] + grad_logit[b,i,j] * weight.
-        coeff = torch.cat([gate, grad_logit], dim=-1)  # (B, N, N, 2)
-        rows = torch.stack([grad_agg, weight.expand_as(grad_agg)], dim=-2)  # (B, N, 2, H)
-        grad_m = torch.matmul(coeff, rows)
-        grad_logit_flat = grad_logit.reshape(1, -1)
-        grad_w = grad_logit_flat @ m.reshape(-1, hidden) if ctx.needs_input_grad[1] else None
-        grad_b = grad_logit_flat.sum(1) if ctx.needs_input_grad[2] else None
-        return grad_m, grad_w, grad_b, None
+        # grad_m[(b,i,j)] = gate[(b,i,j)] * grad_agg[b,i] + grad_logit[(b,i,j)] * weight.
+        coeff = torch.cat([gate, grad_logit], dim=1)  # (n_pairs, 2)
+        grad_m = m.new_empty(layout.n_pairs, hidden)
+        for c, ga, gm in zip(layout.pair_blocks(coeff), layout.node_blocks(grad_agg), layout.pair_blocks(grad_m)):
+            b, n = c.shape[0], c.shape[1]
+            rows = torch.stack([ga.reshape(b * n, hidden), weight.expand(b * n, hidden)], dim=1)  # (b*n, 2, H)
+            torch.bmm(c.reshape(b * n, n, 2), rows, out=gm.view(b * n, n, hidden))
+        grad_w = grad_logit.t() @ m if ctx.needs_input_grad[1] else None
+        grad_b = grad_logit.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_m, grad_w, grad_b, None, None
 
 
-def gated_sum(m: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, edge_mask: torch.Tensor) -> torch.Tensor:
-    """agg[b,i] = sum_j sigmoid(m[b,i,j] . weight + bias) * edge_mask[b,i,j] * m[b,i,j]  -> (B, N, H).
+def gated_sum(m: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, edge_mask: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """agg[b,i] = sum_j sigmoid(m[(b,i,j)] . weight + bias) * edge_mask[(b,i,j)] * m[(b,i,j)]  -> (n_nodes, H).
 
-    m (B, N, N, H), weight (1, H), bias (1,), edge_mask (B, N, N, 1). The backward makes three
+    m (n_pairs, H), weight (1, H), bias (1,), edge_mask (n_pairs, 1). The backward makes three
     passes over m instead of autograd's five.
     """
     if _needs_grad(m, weight, bias):
-        return _GatedSum.apply(m, weight, bias, edge_mask)
-    return _gated_sum(m, weight, bias, edge_mask)[0]
+        return _GatedSum.apply(m, weight, bias, edge_mask, layout)
+    return _gated_sum(m, weight, bias, edge_mask, layout)[0]
 
 
-def masked_sum(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[b,i,j] * values[b,i,j,:] -> (B, N, C); weights (B, N, N, 1)."""
-    return torch.matmul(weights.transpose(-1, -2), values).squeeze(-2)
-
+def masked_sum(values: torch.Tensor, weights: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """sum_j weights[(b,i,j)] * values[(b,i,j)] -> (n_nodes, C); values (n_pairs, C), weights (n_pairs, 1)."""
+    if not _needs_grad(values, weights):
+        return _sum_over_senders(weights, values, layout)
+    channels = values.shape[-1]
+    parts = []
+    for w, v in zip(layout.pair_blocks(weights), layout.pair_blocks(values)):
+        b, m = w.shape[0], w.shape[1]
+        parts.append(torch.bmm(w.reshape(b * m, m, 1).transpose(1, 2), v.reshape(b * m, m, channels)).view(b * m, channels))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,8 +1,10 @@
 """EDM's E(n)-equivariant graph network, computed on dense padded batches.
 
-Shapes: h (B, N, nf) node features, x (B, N, 3) coordinates, node_mask (B, N, 1),
-edge_mask (B, N, N, 1) with edge_mask[b, i, j] = 1 iff atoms i and j are real and i != j.
-Every pair (i, j) of a molecule is an edge; i receives the message from j.
+Every ordered atom pair (i, j) of a molecule is an edge (self pairs included, masked out);
+i receives the message from j. ``EGNN.forward`` takes a padded batch: h (B, N, nf), x (B, N, 3),
+node_mask (B, N, 1), edge_mask (B, N, N, 1) with edge_mask[b, i, j] = 1 iff atoms i and j are
+real and i != j. Inside, atoms and pairs are flat rows in blocks of equal padded size (see
+``egnn.layout``): h (n_nodes, nf), pair features (n_pairs, C).
 
 The parameters (names, shapes, init order) are EDM's, so EDM checkpoints load strictly.
 What differs is the algebra, which gives the same numbers with much less work:
@@ -21,33 +23,29 @@ import math
 import torch
 from torch import nn
 
-from egnn.dense_ops import gated_sum, linear, masked_sum, pair_preactivation
+from egnn.dense_ops import gated_sum, linear, masked_sum, pair_differences, pair_preactivation
+from egnn.layout import PairLayout, single_block
 
 
-def pairwise_differences(x: torch.Tensor) -> torch.Tensor:
-    """diff[b, i, j] = x[b, i] - x[b, j], shape (B, N, N, 3)."""
-    return x.unsqueeze(2) - x.unsqueeze(1)
+def squared_distances(x: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """||x_i - x_j||^2 per pair, (n_pairs, 1) (EDM calls these 'distances')."""
+    return pair_differences(x, layout).pow(2).sum(-1, keepdim=True)
 
 
-def squared_distances(x: torch.Tensor) -> torch.Tensor:
-    """||x_i - x_j||^2, shape (B, N, N, 1) (EDM calls these 'distances')."""
-    return pairwise_differences(x).pow(2).sum(-1, keepdim=True)
-
-
-def factorised_preactivation(layer: nn.Linear, h: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
-    """``layer(cat([h_i, h_j, edge_attr_ij]))`` on the dense grid, without the concatenation.
+def factorised_preactivation(layer: nn.Linear, h: torch.Tensor, edge_attr: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """``layer(cat([h_i, h_j, edge_attr_ij]))`` for every pair, without the concatenation.
 
     ``layer.weight`` is (H, 2*nf + ef); its column blocks act on h_i (receiver), h_j (sender)
-    and the edge features. Both per-atom projections come from one GEMM. Returns (B, N, N, H).
+    and the edge features. Both per-atom projections come from one GEMM. Returns (n_pairs, H).
     """
     nf = h.shape[-1]
     weight, bias = layer.weight, layer.bias
     hidden = weight.shape[0]
     stacked = torch.cat([weight[:, :nf], weight[:, nf : 2 * nf]], dim=0)  # (2H, nf)
     stacked_bias = torch.cat([bias, torch.zeros_like(bias)]) if bias is not None else None
-    projections = linear(h, stacked, stacked_bias)  # (B, N, 2H)
-    receiver, sender = projections[..., :hidden], projections[..., hidden:]
-    return pair_preactivation(receiver, sender, edge_attr, weight[:, 2 * nf :])
+    projections = linear(h, stacked, stacked_bias)  # (n_nodes, 2H)
+    receiver, sender = projections[:, :hidden], projections[:, hidden:]
+    return pair_preactivation(receiver, sender, edge_attr, weight[:, 2 * nf :], layout)
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -68,14 +66,14 @@ def _linear_act(layer: nn.Linear, act: nn.Module, x: torch.Tensor) -> torch.Tens
     return act(linear(x, layer.weight, layer.bias))
 
 
-def aggregate_scale(agg: torch.Tensor, n_slots: int, aggregation_method: str, normalization_factor: float) -> torch.Tensor:
+def aggregate_scale(agg: torch.Tensor, layout: PairLayout, aggregation_method: str, normalization_factor: float) -> torch.Tensor:
     """EDM's normalisation of an aggregated sum: 'sum' divides by normalization_factor, 'mean'
-    by the number of edge slots of a node, which in EDM's graph is N (masked pairs and the
-    self loop included)."""
+    by the number of edge slots of a node, which in EDM's graph is the padded size N (masked
+    pairs and the self loop included)."""
     if aggregation_method == "sum":
         return agg / normalization_factor
     if aggregation_method == "mean":
-        return agg / n_slots
+        return agg / layout.slots_per_node(agg)
     raise ValueError(f"unknown aggregation_method {aggregation_method!r}; choose 'sum' or 'mean'")
 
 
@@ -110,17 +108,19 @@ class GCL(nn.Module):
             self.att_mlp = nn.Sequential(nn.Linear(hidden_nf, 1), nn.Sigmoid())
 
     def forward(
-        self, h: torch.Tensor, edge_attr: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor
+        self, h: torch.Tensor, edge_attr: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor,
+        layout: PairLayout,
     ) -> torch.Tensor:
+        """h (n_nodes, nf), edge_attr (n_pairs, ef), node_mask (n_nodes, 1), edge_mask (n_pairs, 1)."""
         mlp = self.edge_mlp
-        m = _activate(mlp[1], factorised_preactivation(mlp[0], h, edge_attr))
+        m = _activate(mlp[1], factorised_preactivation(mlp[0], h, edge_attr, layout))
         m = _linear_act(mlp[2], mlp[3], m)
         if self.attention and type(self.att_mlp[1]) is nn.Sigmoid:
-            agg = gated_sum(m, self.att_mlp[0].weight, self.att_mlp[0].bias, edge_mask)
+            agg = gated_sum(m, self.att_mlp[0].weight, self.att_mlp[0].bias, edge_mask, layout)
         else:
             gate = self.att_mlp(m) * edge_mask if self.attention else edge_mask
-            agg = masked_sum(m, gate)
-        agg = aggregate_scale(agg, m.shape[2], self.aggregation_method, self.normalization_factor)
+            agg = masked_sum(m, gate, layout)
+        agg = aggregate_scale(agg, layout, self.aggregation_method, self.normalization_factor)
         node = self.node_mlp
         update = linear(_linear_act(node[0], node[1], torch.cat([h, agg], dim=-1)), node[2].weight, node[2].bias)
         h = h + update
@@ -161,14 +161,16 @@ class EquivariantUpdate(nn.Module):
         edge_attr: torch.Tensor,
         node_mask: torch.Tensor,
         edge_mask: torch.Tensor,
+        layout: PairLayout,
     ) -> torch.Tensor:
+        """x (n_nodes, 3), coord_diff (n_pairs, 3); returns the updated, masked x."""
         mlp = self.coord_mlp
-        c = _activate(mlp[1], factorised_preactivation(mlp[0], h, edge_attr))
+        c = _activate(mlp[1], factorised_preactivation(mlp[0], h, edge_attr, layout))
         c = _linear_act(mlp[2], mlp[3], c)
-        c = nn.functional.linear(c, mlp[4].weight, mlp[4].bias)  # (B, N, N, 1)
+        c = nn.functional.linear(c, mlp[4].weight, mlp[4].bias)  # (n_pairs, 1)
         weight = torch.tanh(c) * self.coords_range if self.tanh else c
-        agg = masked_sum(coord_diff, weight * edge_mask)
-        agg = aggregate_scale(agg, coord_diff.shape[2], self.aggregation_method, self.normalization_factor)
+        agg = masked_sum(coord_diff, weight * edge_mask, layout)
+        agg = aggregate_scale(agg, layout, self.aggregation_method, self.normalization_factor)
         return (x + agg) * node_mask
 
 
@@ -226,16 +228,17 @@ class EquivariantBlock(nn.Module):
         node_mask: torch.Tensor,
         edge_mask: torch.Tensor,
         edge_attr: torch.Tensor,
+        layout: PairLayout,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        diff = pairwise_differences(x)
+        diff = pair_differences(x, layout)
         radial = diff.pow(2).sum(-1, keepdim=True)
         coord_diff = diff / (torch.sqrt(radial + 1e-8) + self.norm_constant)
         if self.sin_embedding is not None:
             radial = self.sin_embedding(radial)
         edge_attr = torch.cat([radial, edge_attr], dim=-1)
         for i in range(self.n_layers):
-            h = self._modules[f"gcl_{i}"](h, edge_attr, node_mask, edge_mask)
-        x = self._modules["gcl_equiv"](h, x, coord_diff, edge_attr, node_mask, edge_mask)
+            h = self._modules[f"gcl_{i}"](h, edge_attr, node_mask, edge_mask, layout)
+        x = self._modules["gcl_equiv"](h, x, coord_diff, edge_attr, node_mask, edge_mask, layout)
         return h * node_mask, x
 
 
@@ -311,14 +314,27 @@ class EGNN(nn.Module):
         self.to(device)
 
     def forward(
-        self, h: torch.Tensor, x: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor
+        self, h: torch.Tensor, x: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor,
+        layout: PairLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (B, N, in_node_nf), x (B, N, 3) -> (h_out (B, N, out_node_nf) masked, x_out (B, N, 3))."""
-        distances = squared_distances(x)
+        """Padded batch: h (B, N, in_node_nf), x (B, N, 3), node_mask (B, N, 1), edge_mask with
+        B*N*N entries -> (h_out (B, N, out_node_nf) masked, x_out (B, N, 3)).
+
+        With ``layout``: flat rows instead, h (n_nodes, in_node_nf), x (n_nodes, 3),
+        node_mask (n_nodes, 1), edge_mask (n_pairs, 1) -> flat outputs.
+        """
+        if layout is None:
+            bs, n_nodes = h.shape[0], h.shape[1]
+            h_out, x_out = self.forward(
+                h.reshape(bs * n_nodes, -1), x.reshape(bs * n_nodes, -1), node_mask.reshape(bs * n_nodes, 1),
+                edge_mask.reshape(bs * n_nodes * n_nodes, 1), single_block(bs, n_nodes),
+            )
+            return h_out.view(bs, n_nodes, -1), x_out.view(bs, n_nodes, -1)
+        distances = squared_distances(x, layout)
         if self.sin_embedding is not None:
             distances = self.sin_embedding(distances)
         h = linear(h, self.embedding.weight, self.embedding.bias)
         for i in range(self.n_layers):
-            h, x = self._modules[f"e_block_{i}"](h, x, node_mask, edge_mask, edge_attr=distances)
+            h, x = self._modules[f"e_block_{i}"](h, x, node_mask, edge_mask, edge_attr=distances, layout=layout)
         h = linear(h, self.embedding_out.weight, self.embedding_out.bias)
         return h * node_mask, x

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from egnn.egnn_new import EGNN
+from egnn.layout import PairLayout, single_block
 from equivariant_diffusion.utils import remove_mean_with_mask
 
 
@@ -122,11 +123,17 @@ class EGNN_dynamics_QM9(nn.Module):
         if context is not None:
             context = context.reshape(bs, n_nodes, self.context_node_nf)
 
-        groups = self._size_groups(node_mask, edge_mask) if self.group_by_size else None
-        if groups is None:
-            vel, h_final = self._network(t, xh, node_mask, edge_mask, context)
+        calls = self._plan_calls(node_mask, edge_mask) if self.group_by_size else None
+        if calls is None:  # the padded batch as one block
+            vel, h_final = self._network(
+                t.expand(bs, n_nodes, 1).reshape(-1, 1), xh.reshape(bs * n_nodes, dims),
+                node_mask.reshape(-1, 1), edge_mask.reshape(-1, 1),
+                None if context is None else context.reshape(bs * n_nodes, -1), single_block(bs, n_nodes),
+            )
         else:
-            vel, h_final = self._network_grouped(t, xh, node_mask, context, groups)
+            vel, h_final = self._network_grouped(t, xh, node_mask, context, calls)
+        vel = vel.view(bs, n_nodes, self.n_dims)
+        h_final = h_final.view(bs, n_nodes, dims - self.n_dims)
 
         if torch.isnan(vel).any():
             self._nan_reset("positions")
@@ -147,33 +154,36 @@ class EGNN_dynamics_QM9(nn.Module):
             RuntimeWarning, stacklevel=3,
         )
 
-    def _network(self, t, xh, node_mask, edge_mask, context):
-        """The EGNN on one padded block: returns (vel (B,N,3), h part (B,N,F)), both masked."""
-        bs, n_nodes, dims = xh.shape
-        x = xh[:, :, : self.n_dims]
-        h = xh[:, :, self.n_dims :]
+    def _network(self, t_nodes, xh, node_mask, edge_mask, context, layout: PairLayout):
+        """The EGNN on flat rows (see ``egnn.layout``): xh (n_nodes, 3+F), t_nodes (n_nodes, 1),
+        node_mask (n_nodes, 1), edge_mask (n_pairs, 1) -> (vel (n_nodes, 3), h part (n_nodes, F)),
+        both masked."""
+        n_rows, dims = xh.shape
+        x = xh[:, : self.n_dims]
+        h = xh[:, self.n_dims :]
         if dims == self.n_dims:  # no features: EDM feeds a constant channel
-            h = torch.ones(bs, n_nodes, 1, device=xh.device, dtype=xh.dtype)
+            h = torch.ones(n_rows, 1, device=xh.device, dtype=xh.dtype)
         if self.condition_time:
             # The time channel is not masked (as in EDM); padded atoms never reach real ones.
-            h = torch.cat([h, t.expand(bs, n_nodes, 1)], dim=2)
+            h = torch.cat([h, t_nodes], dim=1)
         if context is not None:
-            h = torch.cat([h, context], dim=2)
-        h_final, x_final = self.egnn(h, x, node_mask, edge_mask)
+            h = torch.cat([h, context], dim=1)
+        h_final, x_final = self.egnn(h, x, node_mask, edge_mask, layout)
         vel = (x_final - x) * node_mask
         if context is not None:
-            h_final = h_final[:, :, : -self.context_node_nf]
+            h_final = h_final[:, : -self.context_node_nf]
         if self.condition_time:
-            h_final = h_final[:, :, :-1]
+            h_final = h_final[:, :-1]
         if dims == self.n_dims:
-            h_final = h_final[:, :, :0]
+            h_final = h_final[:, :0]
         return vel, h_final * node_mask
 
-    def _size_groups(self, node_mask: torch.Tensor, edge_mask: torch.Tensor):
-        """Groups of molecules to run separately, or None to run the padded batch as is.
+    def _plan_calls(self, node_mask: torch.Tensor, edge_mask: torch.Tensor):
+        """Network calls on size blocks, or None to run the padded batch as is.
 
-        Grouping is exact only for 'sum' aggregation ('mean' divides by the padded size)
-        and only for EDM's standard fully connected edge mask.
+        Returns a list of calls (row index into the flat (B*N) atoms, molecule of each row,
+        PairLayout). Grouping is exact only for 'sum' aggregation ('mean' divides by the
+        padded size) and only for EDM's standard fully connected edge mask.
         """
         if self.egnn.aggregation_method != "sum":
             return None
@@ -184,44 +194,56 @@ class EGNN_dynamics_QM9(nn.Module):
         if not torch.equal(pair.reshape(edge_mask.shape), edge_mask):
             return None
         sizes = mask.sum(1).round().long()
-        size_list = sizes.tolist()
-        # Per-group fixed cost (kernel launches) expressed in atom pairs: small for wide layers.
-        overhead_pairs = 64000.0 / self.hidden_nf
-        bounds = plan_size_groups(size_list, overhead_pairs)
-        max_pairs = self.chunk_pairs if self.chunk_pairs else float("inf")
-        if len(bounds) == 1 and bounds[0] == n_nodes and bs * n_nodes**2 <= max_pairs:
+        # Per-block fixed cost (a few small kernels per layer) expressed in atom pairs.
+        bounds = plan_size_groups(sizes.tolist(), overhead_pairs=6400.0 / self.hidden_nf)
+        max_pairs = self.chunk_pairs if self.chunk_pairs else None
+        if bounds == [n_nodes] and (max_pairs is None or bs * n_nodes**2 <= max_pairs):
             return None
         # Real atoms first (stable: keeps their order), padding after.
         order = torch.argsort(mask, dim=1, descending=True, stable=True)
-        groups = []
+        blocks = []  # (molecules, padded size)
         lower = -1
         for bound in bounds:
             members = torch.nonzero((sizes > lower) & (sizes <= bound)).flatten()
             lower = bound
             if bound == 0 or len(members) == 0:
                 continue
-            # Chunks of at most ~max_pairs atom pairs keep the edge tensors cache-sized.
-            per_chunk = max(1, int(max_pairs // bound**2)) if max_pairs != float("inf") else len(members)
-            for chunk in torch.split(members, per_chunk):
-                groups.append((chunk, order[chunk, :bound]))
-        return groups
+            per_call = len(members) if max_pairs is None else max(1, max_pairs // bound**2)
+            blocks += [(chunk, bound) for chunk in torch.split(members, per_call)]
+        calls, current, current_pairs = [], [], 0
+        for members, bound in blocks:  # pack blocks into calls of at most max_pairs pairs
+            pairs = len(members) * bound**2
+            if current and max_pairs is not None and current_pairs + pairs > max_pairs:
+                calls.append(current)
+                current, current_pairs = [], 0
+            current.append((members, bound))
+            current_pairs += pairs
+        calls.append(current)
+        plans = []
+        for call in calls:
+            rows = torch.cat([(members.unsqueeze(1) * n_nodes + order[members, :bound]).flatten() for members, bound in call])
+            molecules = torch.cat([members.repeat_interleave(bound) for members, bound in call])
+            plans.append((rows, molecules, PairLayout(tuple((len(members), bound) for members, bound in call))))
+        return plans
 
-    def _network_grouped(self, t, xh, node_mask, context, groups):
+    def _network_grouped(self, t, xh, node_mask, context, calls):
         bs, n_nodes, dims = xh.shape
-        vel = xh.new_zeros(bs, n_nodes, self.n_dims)
-        h_final = xh.new_zeros(bs, n_nodes, dims - self.n_dims)
-        for members, slots in groups:
-            rows = members.unsqueeze(1)
-            xh_g = xh[rows, slots]
-            mask_g = node_mask[rows, slots]
-            m = slots.shape[1]
-            mask_flat = mask_g.squeeze(2)
-            edge_g = (mask_flat.unsqueeze(2) * mask_flat.unsqueeze(1)) * (
-                1 - torch.eye(m, device=xh.device, dtype=xh.dtype)
-            )
-            t_g = t[members] if self.condition_time else t
-            ctx_g = context[rows, slots] if context is not None else None
-            vel_g, h_g = self._network(t_g, xh_g, mask_g, edge_g.unsqueeze(-1), ctx_g)
-            vel = vel.index_put((rows, slots), vel_g)
-            h_final = h_final.index_put((rows, slots), h_g)
+        flat_xh = xh.reshape(bs * n_nodes, dims)
+        flat_mask = node_mask.reshape(bs * n_nodes, 1)
+        flat_context = None if context is None else context.reshape(bs * n_nodes, -1)
+        t_molecules = t.reshape(-1, 1)
+        vel = xh.new_zeros(bs * n_nodes, self.n_dims)
+        h_final = xh.new_zeros(bs * n_nodes, dims - self.n_dims)
+        for rows, molecules, layout in calls:
+            mask_rows = flat_mask[rows]
+            # Each block is fully connected among its real atoms, without self pairs.
+            edge_rows = torch.cat([
+                ((m * m.transpose(1, 2)) * (1 - torch.eye(m.shape[1], device=m.device, dtype=m.dtype))).reshape(-1, 1)
+                for m in layout.node_blocks(mask_rows)
+            ])
+            t_rows = t_molecules[molecules] if self.condition_time else t
+            context_rows = None if flat_context is None else flat_context[rows]
+            vel_rows, h_rows = self._network(t_rows, flat_xh[rows], mask_rows, edge_rows, context_rows, layout)
+            vel = vel.index_copy(0, rows, vel_rows)
+            h_final = h_final.index_copy(0, rows, h_rows)
         return vel, h_final

@@ -167,24 +167,34 @@ def test_size_groups_trade_padding_against_overhead():
 
 
 def test_fused_pair_preactivation_and_gated_sum_have_exact_gradients():
-    from egnn.dense_ops import gated_sum, pair_preactivation
+    """On two blocks of different padded sizes (flat rows, see egnn.layout)."""
+    from egnn.dense_ops import gated_sum, masked_sum, pair_preactivation
+    from egnn.layout import PairLayout
 
+    layout = PairLayout(((2, 4), (1, 3)))
     generator = torch.Generator().manual_seed(0)
-    bs, n, hidden, k = 2, 4, 3, 2
+    hidden, k = 3, 2
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
 
-    receiver, sender, edge_attr, w_edge = rand(bs, n, hidden), rand(bs, n, hidden), rand(bs, n, n, k), rand(hidden, k)
-    assert torch.autograd.gradcheck(pair_preactivation, (receiver, sender, edge_attr, w_edge))
-    expected = receiver.unsqueeze(2) + sender.unsqueeze(1) + edge_attr @ w_edge.T
-    assert_close(pair_preactivation(receiver, sender, edge_attr, w_edge), expected)
+    receiver, sender = rand(layout.n_nodes, hidden), rand(layout.n_nodes, hidden)
+    edge_attr, w_edge = rand(layout.n_pairs, k), rand(hidden, k)
+    assert torch.autograd.gradcheck(lambda r, s, e, w: pair_preactivation(r, s, e, w, layout),
+                                    (receiver, sender, edge_attr, w_edge))
+    expected = torch.cat([(r.unsqueeze(2) + s.unsqueeze(1) + e @ w_edge.T).reshape(-1, hidden) for r, s, e in zip(
+        layout.node_blocks(receiver), layout.node_blocks(sender), layout.pair_blocks(edge_attr))])
+    assert_close(pair_preactivation(receiver, sender, edge_attr, w_edge, layout), expected)
 
-    m, weight, bias = rand(bs, n, n, hidden), rand(1, hidden), rand(1)
-    mask = (torch.rand(bs, n, n, 1, generator=generator) > 0.3).double()
-    assert torch.autograd.gradcheck(lambda m, w, b: gated_sum(m, w, b, mask), (m, weight, bias))
-    expected = (torch.sigmoid(m @ weight.T + bias) * mask * m).sum(2)
-    assert_close(gated_sum(m, weight, bias, mask), expected)
+    m, weight, bias = rand(layout.n_pairs, hidden), rand(1, hidden), rand(1)
+    mask = (torch.rand(layout.n_pairs, 1, generator=generator) > 0.3).double()
+    assert torch.autograd.gradcheck(lambda m, w, b: gated_sum(m, w, b, mask, layout), (m, weight, bias))
+    expected = torch.cat([(torch.sigmoid(mb @ weight.T + bias) * wb * mb).sum(2).reshape(-1, hidden) for mb, wb in zip(
+        layout.pair_blocks(m), layout.pair_blocks(mask))])
+    assert_close(gated_sum(m, weight, bias, mask, layout), expected)
+    assert torch.autograd.gradcheck(lambda m: masked_sum(m, mask, layout), (m,))
+    assert_close(masked_sum(m, mask, layout), torch.cat([(wb * mb).sum(2).reshape(-1, hidden) for mb, wb in zip(
+        layout.pair_blocks(m), layout.pair_blocks(mask))]))
 
 
 def test_fast_linear_matches_torch_linear_with_gradients():
