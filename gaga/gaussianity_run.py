@@ -7,6 +7,9 @@ results do not depend on the number of workers, on the order chunks finish in, o
 whether the run was interrupted and resumed. A chunk's rows are appended to its CSV in
 one write and flushed, so an interrupted run keeps every finished chunk; ``resume`` drops
 any partly written chunk and computes only what is missing.
+
+Only the molecules of the chunk being handed to a worker are materialised
+(``features.molecules``), so GEOM-Drugs' on-demand features are read chunk by chunk.
 """
 from __future__ import annotations
 
@@ -21,26 +24,13 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from gaga.data import Features
+from gaga.data import MoleculeFeatures, random_subset_rows
 from gaga.gaussianity import GaussianityConfig, evaluate_molecules
 from gaga.results_files import CONFIG_FILE, RESULTS_PATTERN, results_path
 
-
-
-def select_molecules(features: Features, n_molecules: int | None, seed: int, min_atoms: int) -> np.ndarray:
+def select_molecules(features: MoleculeFeatures, n_molecules: int | None, seed: int, min_atoms: int) -> np.ndarray:
     """Rows of the molecules to test: a seeded random subset of those with >= min_atoms atoms."""
-    eligible = np.nonzero(features.num_atoms >= min_atoms)[0]
-    if eligible.size == 0:
-        raise ValueError(
-            f"no molecule has at least {min_atoms} atoms (the k-NN MI test needs them); "
-            "choose a dataset/filter with larger molecules"
-        )
-    if n_molecules is not None:
-        if n_molecules < 1:
-            raise ValueError(f"--n_molecules must be >= 1, got {n_molecules}")
-        if n_molecules < eligible.size:
-            eligible = np.sort(np.random.default_rng(seed).choice(eligible, size=n_molecules, replace=False))
-    return eligible
+    return random_subset_rows(features.num_atoms, n_molecules, seed, min_atoms)
 
 
 @dataclass(frozen=True)
@@ -50,7 +40,7 @@ class Chunk:
     rows: np.ndarray  # rows into the Features
 
 
-def make_chunks(features: Features, rows: np.ndarray, chunk_size: int) -> list[Chunk]:
+def make_chunks(features: MoleculeFeatures, rows: np.ndarray, chunk_size: int) -> list[Chunk]:
     """Chunks of equal-size molecules, numbered per atom count in the order of the selection."""
     if chunk_size < 1:
         raise ValueError(f"--chunk_size must be >= 1, got {chunk_size}")
@@ -102,7 +92,7 @@ def _completed_chunks(out_dir: Path, chunks: list[Chunk], n_t: int) -> set[tuple
             continue
         sizes = table.groupby(["n_atoms", "chunk"]).size()
         complete = {key for key, size in sizes.items() if expected.get(tuple(int(k) for k in key)) == size}
-        keep = np.array([(int(a), int(c)) in complete for a, c in zip(table["n_atoms"], table["chunk"])], dtype=bool)
+        keep = pd.MultiIndex.from_arrays([table["n_atoms"], table["chunk"]]).isin(list(complete))
         if not keep.all():
             table[keep].to_csv(path, index=False, float_format="%.6g")
         done |= {(int(a), int(c)) for a, c in complete}
@@ -134,7 +124,7 @@ def config_record(config: GaussianityConfig, extra: dict) -> dict:
 
 
 def run_gaussianity_test(
-    features: Features,
+    features: MoleculeFeatures,
     gamma: np.ndarray,
     config: GaussianityConfig,
     out_dir: str | Path,
@@ -170,7 +160,7 @@ def run_gaussianity_test(
     def tasks() -> Iterator[tuple]:
         for c in todo:
             yield (
-                c.n_atoms, c.number, features.values[c.rows, : c.n_atoms], features.index[c.rows], c.rows,
+                c.n_atoms, c.number, features.molecules(c.rows, c.n_atoms), features.index[c.rows], c.rows,
                 alpha2, sigma2, grid, features.channels, config,
             )
 

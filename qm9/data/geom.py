@@ -407,7 +407,9 @@ class GeomDataset(torch.utils.data.Dataset):
             setattr(out, name, getattr(self, name)[keep])
         return out
 
-    def __getitems__(self, indices) -> dict[str, torch.Tensor]:
+    def padded_arrays(self, indices) -> dict[str, np.ndarray]:
+        """The conformers ``indices`` as numpy arrays padded to their largest: positions (B, N, 3)
+        float32, charges (B, N) int64 (0 = padding), one_hot (B, N, K) bool, num_atoms (B,), index (B,)."""
         items = np.asarray(indices, dtype=np.int64)
         row_counts = self.row_counts[items]
         block = np.asarray(self.rows[_concatenated_ranges(self.starts[items], row_counts)])
@@ -429,7 +431,12 @@ class GeomDataset(torch.utils.data.Dataset):
         positions[item_of_row, slot] = block[:, 2:5]
         charges[item_of_row, slot] = z
         one_hot = charges[..., None] == self.atomic_nb
-        return make_batch(positions, charges, one_hot, num_atoms, self.conformer_ids[items])
+        return {"positions": positions, "charges": charges, "one_hot": one_hot, "num_atoms": num_atoms,
+                "index": self.conformer_ids[items]}
+
+    def __getitems__(self, indices) -> dict[str, torch.Tensor]:
+        arrays = self.padded_arrays(indices)
+        return make_batch(arrays["positions"], arrays["charges"], arrays["one_hot"], arrays["num_atoms"], arrays["index"])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([i])
