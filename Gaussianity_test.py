@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from configs.datasets_config import published_dataset_var
 from gaga.cli import add_source_flags, one_line_errors, resolve_data_spec, resolve_gamma, source_record
 from gaga.data import dataset_kind, load_features
 from gaga.gaussianity import DEFAULT_TIMESTEPS, TEST_MODALITIES, GaussianityConfig, test_channels
@@ -26,9 +27,6 @@ from gaga.schedule import check_timesteps, parse_timesteps
 from gaga.step_estimation import check_quantile, load_results, per_timestep_summary, step_estimates
 from gaga.variance import modality_mean_squares
 
-README_DATASET_VAR = 0.848
-# GAGA's README values of --dataset_var per dataset: "QM9: 0.848 / GEOM: 0.952".
-README_DATASET_VARS = {"qm9": README_DATASET_VAR, "geom": 0.952}
 VARIANCE_MODES = {"scalar": "scalar", "per-modality": "per-modality", "per_modality": "per-modality", "measured": "per-modality"}
 
 
@@ -71,7 +69,7 @@ def main(argv=None) -> int:
 
     mode = VARIANCE_MODES[args.variance_mode]
     if mode == "scalar":
-        dataset_var = README_DATASET_VARS[dataset_kind(spec.dataset)] if args.dataset_var is None else args.dataset_var
+        dataset_var = published_dataset_var(dataset_kind(spec.dataset)) if args.dataset_var is None else args.dataset_var
         if not dataset_var > 0:
             raise ValueError(f"--dataset_var must be positive, got {dataset_var}")
         variances = {m: float(dataset_var) for m in TEST_MODALITIES}

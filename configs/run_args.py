@@ -11,9 +11,10 @@ import argparse
 import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from configs.atomic_io import atomic_write_bytes
 
 ARGS_FILE = "args.pickle"
 
@@ -76,21 +77,10 @@ def load_run_args(run_dir: str | os.PathLike) -> argparse.Namespace:
     return loads_args(path.read_bytes(), source=str(path))
 
 
-def save_run_args(run_dir: str | os.PathLike, args: argparse.Namespace) -> Path:
-    """Write ``args.pickle`` atomically (temp file + rename)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ARGS_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".args.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(argparse.Namespace(**vars(args)), f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+def save_run_args(run_dir: str | os.PathLike, args: argparse.Namespace, filename: str = ARGS_FILE) -> Path:
+    """Write ``args.pickle`` (or ``filename``) atomically (temp file + rename)."""
+    data = pickle.dumps(argparse.Namespace(**vars(args)), protocol=4)
+    return atomic_write_bytes(Path(run_dir) / filename, data)
 
 
 def infer_zero_center_h(args: argparse.Namespace) -> bool:

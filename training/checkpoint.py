@@ -13,17 +13,15 @@ Ours:
 """
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from configs.atomic_io import atomic_write
 from configs.run_args import ARGS_FILE, save_run_args
 
 MODEL_FILE = "generative_model.npy"
@@ -33,30 +31,9 @@ RESUME_FILE = "resume_state.pt"
 RESUME_FORMAT = 1
 
 
-def _file_mode() -> int:
-    """rw for everyone the umask allows (mkstemp's temp files are private, 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -82,21 +59,7 @@ def save_model_files(
             atomic_torch_save(unwrap(model_ema).state_dict(), run_dir / f"generative_model_ema{suffix}.npy")
     save_run_args(run_dir, args)
     if epoch is not None:
-        atomic_write_bytes(run_dir / f"args_{epoch}.pickle", pickle.dumps(argparse.Namespace(**vars(args)), protocol=4))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+        save_run_args(run_dir, args, f"args_{epoch}.pickle")
 
 
 # ---------------------------------------------------------------- RNG states

@@ -9,34 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from configs.atomic_io import atomic_write
+
 
 class CacheError(RuntimeError):
     """A cache file exists but cannot be read (corrupt or truncated)."""
-
-
-def atomic_write_bytes(path: Path, write_fn) -> None:
-    """Call ``write_fn(file_object)`` on a temp file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def file_sha1(path: Path) -> str:
@@ -48,7 +31,7 @@ def file_sha1(path: Path) -> str:
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -69,7 +52,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    atomic_write_bytes(Path(folder) / "manifest.json", lambda f: f.write(data))
+    atomic_write(Path(folder) / "manifest.json", lambda f: f.write(data))
 
 
 def manifest_matches(folder: Path, expected: dict[str, Any], files: list[str], verify_checksums: bool) -> bool:

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from configs.datasets_config import get_dataset_info
-from qm9.data.cache import atomic_write_bytes
+from configs.atomic_io import atomic_write
 from qm9.data.collate import make_batch, make_dataloader
 
 DEFAULT_DATADIR = "data/geom"
@@ -241,11 +241,11 @@ def build_geom_dataset(
             def write_smiles(f_smiles: BinaryIO) -> None:
                 stats.update(_stream_conversion(source, int(conformations), remove_h, f_rows, f_counts, f_smiles, progress))
 
-            atomic_write_bytes(paths["smiles"], write_smiles)
+            atomic_write(paths["smiles"], write_smiles)
 
-        atomic_write_bytes(paths["counts"], write_counts)
+        atomic_write(paths["counts"], write_counts)
 
-    atomic_write_bytes(paths["rows"], write_rows)
+    atomic_write(paths["rows"], write_rows)
     return {"paths": paths, **stats}
 
 
@@ -345,7 +345,7 @@ def load_or_create_permutation(datadir: str | os.PathLike, n_conformers: int) ->
         print(f"{path} permutes {len(perm)} conformers but the data has {n_conformers}; writing a new split permutation.",
               file=sys.stderr)
     perm = _new_permutation(n_conformers)
-    atomic_write_bytes(path, lambda f: np.save(f, perm))
+    atomic_write(path, lambda f: np.save(f, perm))
     return perm
 
 
