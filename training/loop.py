@@ -143,7 +143,7 @@ def train_epoch(
             optim.zero_grad(set_to_none=True)
             _count_nan_batch(args, state, epoch, i, ctx)
         if ctx.is_main and i % max(args.n_report_steps, 1) == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", nll=f"{nll.item():.3f}", grad=f"{grad_norm:.1f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", nll=f"{nll.item():.3f}", grad=f"{grad_norm:.1f}", refresh=False)
             if log_fn is not None:
                 log_fn({"Batch NLL": nll.item()})
         if (
@@ -211,7 +211,7 @@ def test(
         nll, _, _ = compute_loss_and_nll(args, eval_model, nodes_dist, x, h, node_mask, edge_mask, context)
         total += nll.item() * x.size(0)
         count += x.size(0)
-        bar.set_postfix(nll=f"{total / count:.3f}")
+        bar.set_postfix(nll=f"{total / count:.3f}", refresh=False)
     bar.close()
     eval_model.train(was_training)
     total, count = all_reduce_sum([total, float(count)], ctx)
