@@ -114,18 +114,33 @@ def test_malicious_args_pickle_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-def test_legacy_gaga_fork_run_folder_loads_and_samples(tmp_path):
-    """A folder as the GAGA fork writes it: a plain Namespace of its fields, weights under EDM's key names."""
-    run = tmp_path / "edm_qm9_GA_550"
-    run.mkdir()
-    legacy = gaga_qm9_args(exp_name="edm_qm9_GA_550", ema_decay=0.9999, n_epochs=1650, batch_size=256,
-                           datadir="qm9/temp", dp=True, n_stability_samples=1000)
-    (run / "args.pickle").write_bytes(pickle.dumps(legacy))
+def _legacy_weights(include_charges: bool) -> dict[str, torch.Tensor]:
+    """Small random weights under the reference key names (EDM's charge channel widens embedding/out)."""
     generator = torch.Generator().manual_seed(0)
-    state = {key: torch.randn(shape, generator=generator) * 0.02 for key, shape in reference_shapes().items()}
+    state = {}
+    for key, shape in reference_shapes().items():
+        if include_charges and key == "dynamics.egnn.embedding.weight":
+            shape = (shape[0], shape[1] + 1)
+        elif include_charges and key.startswith("dynamics.egnn.embedding_out."):
+            shape = (shape[0] + 1,) + tuple(shape[1:])
+        state[key] = torch.randn(shape, generator=generator) * 0.02
     state["gamma.gamma"] = gamma_table("polynomial_2", 1000, 1e-5)
     state["buffer"] = torch.zeros(1)
-    torch.save(state, run / "generative_model_ema.npy")
+    return state
+
+
+@pytest.mark.parametrize("fork", ["gaga", "edm"])
+def test_legacy_run_folders_load_and_sample(tmp_path, fork):
+    """Folders as the GAGA fork / EDM write them: a plain Namespace of their fields, weights under EDM's key names."""
+    run = tmp_path / f"{fork}_qm9"
+    run.mkdir()
+    legacy = gaga_qm9_args(exp_name=run.name, ema_decay=0.9999, n_epochs=1650, batch_size=256,
+                           datadir="qm9/temp", dp=True, n_stability_samples=1000)
+    if fork == "edm":  # EDM's own QM9 run: charges on, no max_t attribute at all
+        del legacy.max_t
+        legacy.include_charges = True
+    (run / "args.pickle").write_bytes(pickle.dumps(legacy))
+    torch.save(_legacy_weights(legacy.include_charges), run / "generative_model_ema.npy")
     (result,) = run_gaga_test(run, "--GA_timestep", "4", "--dataset_var", "0.848", "--n_samples", "2",
                               "--batch_size_gen", "2", "--iteration", "1", "--test_name", "QM9_GA")
     assert result["steps"] == 4 and result["setting"]["start_step"] == 4
