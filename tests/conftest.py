@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -22,3 +23,12 @@ def qm9_datadir() -> Path:
     datadir = Path(os.environ.get("QM9_DATADIR", REPO_ROOT / "qm9" / "temp"))
     ensure_cache(datadir, progress=False)
     return datadir
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (bit-identical reruns; no oversubscription), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

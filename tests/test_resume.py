@@ -10,12 +10,7 @@ from training.checkpoint import RESUME_FILE, load_resume_state
 from training.run import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def argv(root, datadir, name, *extra: str) -> list[str]:

@@ -14,12 +14,7 @@ from training.ema import EMA
 from training.loop import random_rotation, sampling_options
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_argv(tmp_path, datadir, *extra: str) -> list[str]:
