@@ -52,20 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _defaults_from_run(flags: argparse.Namespace, args: argparse.Namespace) -> tuple[int | None, float]:
-    """T* and v: the flags, else what the run was trained with."""
+    """T* and v: the flags, else what the run was trained with (``load_run`` fills a legacy run's
+    dataset_var: the published value for GAGA-fork runs, 1 for EDM runs)."""
     from configs.run_args import resolved_max_t
 
     T = int(args.diffusion_steps)
     t_star = flags.GA_timestep
     if t_star is None and resolved_max_t(args) < T:
         t_star = resolved_max_t(args)
-    dataset_var = flags.dataset_var
-    if dataset_var is None:
-        dataset_var = getattr(args, "dataset_var", None)
-    if dataset_var is None:
-        if flags.shortcut == "Gaussian" or flags.compare:
-            raise ValueError("the run records no dataset variance: pass --dataset_var (QM9 0.848, GEOM 0.952)")
-        dataset_var = 1.0
+    dataset_var = args.dataset_var if flags.dataset_var is None else flags.dataset_var
     return t_star, float(dataset_var)
 
 
