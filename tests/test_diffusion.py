@@ -86,7 +86,10 @@ def test_training_loss_terms_match_reference(name):
     loss, terms = run_compute_loss(model, name, "loss_train")
     assert_close(terms["error"], ref["error"], rtol=1e-5, atol=0)
     assert_close(terms["kl_prior"], ref["kl_prior"], atol=1e-5, rtol=0)
-    assert_close(terms["loss_term_0"], ref["loss_term_0"], rtol=1e-4, atol=1e-5)
+    # loss_term_0 is cancellation-prone in float32 (differences of Phi near 1): FIXTURES.md allows
+    # rtol 2e-2 against the float32 reference; the exact check is the float64 test below. The terms
+    # that enter the loss (t = 0 samples only) are checked tightly through ``loss``.
+    assert_close(terms["loss_term_0"], ref["loss_term_0"], rtol=2e-2, atol=1e-5)
     assert torch.equal(terms["neg_log_constants"], torch.zeros(8))
     assert_close(terms["estimator_loss_terms"], ref["estimator_loss_terms"], rtol=1e-4, atol=1e-6)
     assert_close(loss, ref["loss"], rtol=1e-4, atol=1e-5)
