@@ -26,6 +26,7 @@ from training.data import build_loaders, per_process_batch_size
 from training.distributed import DistContext, barrier, cleanup, gather_objects, setup, wrap_model
 from training.ema import EMA
 from training.loop import StopRequested, TrainState, analyze_and_save, test, train_epoch
+from training.metrics_log import append_record
 from training.wandb_logger import RunLogger
 
 # Flags that may change when a run is resumed; every other flag is fixed by the run's args.pickle.
@@ -184,11 +185,12 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, resuming: b
                 gradnorm_queue, state, ctx, checkpoint_fn=write_resume_state, visualize_fn=visualize_fn, log_fn=logger.log,
             )
             state.epoch, state.step_in_epoch = epoch + 1, 0
+            epoch_seconds = time.time() - start
             if ctx.is_main:
                 resets = getattr(getattr(ckpt.unwrap(model), "dynamics", None), "nan_resets", 0)
                 notes = f"; skipped batches so far {state.nan_total}" if state.nan_total else ""
                 notes += f"; network NaN resets so far {resets}" if resets else ""
-                print(f"Epoch {epoch}: train NLL {train_nll:.4f}, took {time.time() - start:.1f} s{notes}")
+                print(f"Epoch {epoch}: train NLL {train_nll:.4f}, took {epoch_seconds:.1f} s{notes}")
             if epoch % args.test_epochs == 0:
                 logger.log(ckpt.unwrap(model).log_info() if hasattr(ckpt.unwrap(model), "log_info") else {})
                 if not args.break_train_epoch:
@@ -208,6 +210,11 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, resuming: b
                     print(f"Val loss: {nll_val:.4f} \t Test loss: {nll_test:.4f}")
                     print(f"Best val loss: {state.best_nll_val:.4f} \t Best test loss: {state.best_nll_test:.4f}")
                 logger.log({"Val loss": nll_val, "Test loss": nll_test, "Best cross-validated test loss": state.best_nll_test})
+                if ctx.is_main and args.save_model:
+                    append_record(run_dir, {
+                        "epoch": epoch, "step": state.global_step, "epoch_seconds": round(epoch_seconds, 1),
+                        "train_nll": train_nll, "val_nll": nll_val, "test_nll": nll_test, "stability": last_metrics,
+                    })
             write_resume_state()
     except StopRequested as e:
         if ctx.is_main:

@@ -1,0 +1,90 @@
+"""The equal-budget study (training/study.py): two runs that differ only in GAGA's switches,
+trained side by side, snapshotted to a committed folder and resumed from it on a fresh machine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from training import study
+from training.args import parse_args
+from training.metrics_log import METRICS_FILE, append_record, read_records
+
+GAGA_ONLY = {"exp_name", "max_t", "dataset_var", "zero_center_h"}
+
+
+def test_the_two_runs_differ_only_in_gaga_flags(tmp_path):
+    parsed = {}
+    for run in study.RUNS:
+        argv = study.training_command(run, epochs=7, resume=False, live_root=tmp_path)[2:]
+        parsed[run] = vars(parse_args(argv))
+    edm, gaga = parsed["qm9_edm_small"], parsed["qm9_gaga_small"]
+    assert {k for k in edm if edm[k] != gaga[k]} == GAGA_ONLY
+    assert edm["max_t"] is None and edm["zero_center_h"] is False and edm["dataset_var"] == 1.0
+    assert gaga["max_t"] == 550 and gaga["zero_center_h"] is True and gaga["dataset_var"] == 0.848
+    assert edm["n_epochs"] == 7 and edm["diffusion_steps"] == 1000 and edm["diffusion_noise_schedule"] == "polynomial_2"
+
+
+def test_resume_command_only_extends_the_budget(tmp_path):
+    argv = study.training_command("qm9_gaga_small", epochs=12, resume=True, live_root=tmp_path)[2:]
+    assert argv == ["--resume", str(tmp_path / "qm9_gaga_small"), "--n_epochs", "12"]
+
+
+def test_metrics_log_keeps_the_last_record_per_epoch_and_skips_cut_lines(tmp_path):
+    append_record(tmp_path, {"epoch": 0, "step": 10, "val_nll": 5.0})
+    append_record(tmp_path, {"epoch": 2, "step": 30, "val_nll": float("nan"), "stability": {"atm_stable": 0.5}})
+    append_record(tmp_path, {"epoch": 0, "step": 10, "val_nll": 4.0})  # the same epoch evaluated again after a crash
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write('{"epoch": 3, "step"')  # a write cut by a kill
+    records = read_records(tmp_path)
+    assert [r["epoch"] for r in records] == [0, 2]
+    assert records[0]["val_nll"] == 4.0 and records[1]["val_nll"] is None
+
+
+def test_curves_plot_both_runs(tmp_path):
+    for run, offset in (("a", 0.0), ("b", 0.1)):
+        for epoch in range(3):
+            (tmp_path / run).mkdir(exist_ok=True)
+            append_record(tmp_path / run, {
+                "epoch": epoch, "step": 100 * (epoch + 1), "val_nll": 100.0 - epoch,
+                "stability": {"atm_stable": 0.3 + offset + 0.1 * epoch, "mol_stable": 0.01 * epoch},
+            })
+    out = study.plot_curves({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_candidate_parsing_rejects_unknown_flags():
+    assert study.parse_candidate("nf=96,n_layers=6") == {"nf": "96", "n_layers": "6"}
+    with pytest.raises(SystemExit, match="key=value"):
+        study.parse_candidate("width=96")
+
+
+def test_train_snapshot_and_resume_on_a_fresh_machine(tmp_path, qm9_datadir):
+    """Both runs train an epoch; the live folders are deleted (a fresh machine); training to
+    epoch 2 restores them from the committed state and continues where they stopped."""
+    live, state = tmp_path / "outputs", tmp_path / "state"
+    tiny = {"datadir": str(qm9_datadir), "data_subset": "32", "nf": "8", "n_layers": "1", "batch_size": "16",
+            "test_epochs": "1", "n_stability_samples": "2", "checkpoint_every_steps": "1"}
+    codes = study.train(list(study.RUNS), epochs=1, hours=1.0, nice=0, live_root=live, state_root=state,
+                        overrides=tiny, poll_seconds=0.2)
+    assert codes == {run: 0 for run in study.RUNS}
+    for run in study.RUNS:
+        assert {p.name for p in (state / run).iterdir()} == set(study.STATE_FILES)
+        assert "Epoch 0" in (state / run / "train_summary.log").read_text()
+        assert study.run_progress(state / run) == {"epoch": 1, "step_in_epoch": 0, "global_step": 2}
+
+    import shutil
+
+    shutil.rmtree(live)
+    codes = study.train(list(study.RUNS), epochs=2, hours=1.0, nice=0, live_root=live, state_root=state,
+                        overrides=tiny, poll_seconds=0.2)
+    assert codes == {run: 0 for run in study.RUNS}
+    for run in study.RUNS:
+        assert study.run_progress(state / run)["global_step"] == 4
+        records = read_records(state / run)
+        assert [r["epoch"] for r in records] == [0, 1]
+        assert all(math.isfinite(r["val_nll"]) and r["stability"] is not None for r in records)
+        log = (live / run / "train.log").read_text()
+        assert "Resuming" in log and log.count("=== ") == 2  # the first session's summary, then this session
+        summary = (state / run / "train_summary.log").read_text()
+        assert "Epoch 0" in summary and "Epoch 1" in summary

@@ -1,0 +1,416 @@
+"""The equal-budget CPU study: EDM and EDM+GAGA trained identically but for GAGA's switches.
+
+Two run folders under ``outputs/equal_budget/`` (``qm9_edm_small``, ``qm9_gaga_small``) are
+trained by ``main_qm9.py`` subprocesses, one thread each, side by side. The runs differ only in
+GAGA's flags (``--max_t``, ``--dataset_var``; ``--max_t`` also switches the centred one-hot on);
+architecture, seed, batch size, learning rate, EMA and number of optimiser steps are shared.
+
+A session of training ends after ``--hours`` (the runs are stopped and resume exactly from
+their last checkpoint, written every ``checkpoint_every_steps`` steps) or when both reach
+``--epochs``. Because a later session may run on a fresh machine, each run's resumable state
+(``resume_state.pt``, ``args.pickle``, ``metrics.jsonl``, ``train.log``) is copied to
+``pretrained/training_state/<run>/`` (committed), and restored from there when the live folder
+is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from configs.atomic_io import atomic_write_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+LIVE_ROOT = Path("outputs/equal_budget")
+STATE_ROOT = REPO / "pretrained" / "training_state"
+STATE_FILES = ("args.pickle", "resume_state.pt", "metrics.jsonl", "train_summary.log")
+# Lines of train.log worth keeping in the committed summary (the log itself is mostly progress bars).
+SUMMARY_MARKERS = ("=== ", "Resuming", "Run folder", "Epoch ", "Val loss", "Best val loss", "Stability at epoch", "stopped")
+
+# The recipe shared by both runs (EDM's QM9 flags with GAGA's README values where they differ:
+# no charges, normalize_factors [1,4,10]); the width, depth and learning rate come from the pilot.
+COMMON_FLAGS: dict[str, str] = {
+    "diffusion_noise_schedule": "polynomial_2",
+    "diffusion_noise_precision": "1e-5",
+    "diffusion_steps": "1000",
+    "diffusion_loss_type": "l2",
+    "normalize_factors": "[1,4,10]",
+    "include_charges": "False",
+    "nf": "64",
+    "n_layers": "4",
+    "batch_size": "64",
+    "lr": "5e-4",
+    "ema_decay": "0.999",
+    "seed": "1",
+    "test_epochs": "2",
+    "n_stability_samples": "256",
+    "checkpoint_every_steps": "250",
+    "no_wandb": "True",
+    "no-cuda": "",
+}
+GAGA_T_STAR = 550  # our Gaussianity test's T* on QM9 (README, "Reproduction")
+GAGA_DATASET_VAR = 0.848
+
+RUNS: dict[str, dict[str, str]] = {
+    "qm9_edm_small": {},
+    "qm9_gaga_small": {"max_t": str(GAGA_T_STAR), "dataset_var": str(GAGA_DATASET_VAR)},
+}
+
+
+def flag_list(flags: dict[str, str]) -> list[str]:
+    out = []
+    for key, value in flags.items():
+        out += [f"--{key}"] + ([value] if value != "" else [])
+    return out
+
+
+def training_command(run: str, epochs: int, resume: bool, live_root: Path = LIVE_ROOT,
+                     overrides: dict[str, str] | None = None) -> list[str]:
+    """The main_qm9.py command line that starts or continues ``run``."""
+    run_dir = live_root / run
+    if resume:
+        argv = ["--resume", str(run_dir), "--n_epochs", str(epochs)]
+    else:
+        flags = {**COMMON_FLAGS, **RUNS[run], **(overrides or {})}
+        argv = ["--exp_name", run, "--output_root", str(live_root), "--n_epochs", str(epochs), *flag_list(flags)]
+    return [sys.executable, str(REPO / "main_qm9.py"), *argv]
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    atomic_write_bytes(dst, src.read_bytes())
+
+
+def write_log_summary(run_dir: Path) -> Path | None:
+    """train_summary.log: the epoch, evaluation and session lines of train.log (no progress bars)."""
+    log = run_dir / "train.log"
+    if not log.is_file():
+        return None
+    keep = []
+    for line in log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines():
+        line = line.strip()
+        if line.startswith(SUMMARY_MARKERS):
+            keep.append(line)
+    return atomic_write_bytes(run_dir / "train_summary.log", ("\n".join(keep) + "\n").encode())
+
+
+def snapshot(run: str, live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT) -> list[Path]:
+    """Copy the run's resumable files to the committed state folder; returns what was copied."""
+    write_log_summary(live_root / run)
+    copied = []
+    for name in STATE_FILES:
+        src = live_root / run / name
+        if src.is_file():
+            _copy_atomic(src, state_root / run / name)
+            copied.append(state_root / run / name)
+    return copied
+
+
+def restore(run: str, live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT) -> bool:
+    """Fill a missing live run folder from the committed state; True if the run can resume."""
+    live = live_root / run
+    if (live / "resume_state.pt").is_file():
+        return True
+    saved = state_root / run
+    if not (saved / "resume_state.pt").is_file():
+        return False
+    for name in STATE_FILES:
+        if (saved / name).is_file():
+            _copy_atomic(saved / name, live / name)
+    if (saved / "train_summary.log").is_file():  # the log goes on from the summary of earlier sessions
+        _copy_atomic(saved / "train_summary.log", live / "train.log")
+    print(f"restored {live} from {saved}")
+    return True
+
+
+def run_progress(run_dir: Path) -> dict[str, int] | None:
+    """epoch / step_in_epoch / global_step of a run's resume state (None without one)."""
+    path = run_dir / "resume_state.pt"
+    if not path.is_file():
+        return None
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)["state"]
+    return {k: int(state[k]) for k in ("epoch", "step_in_epoch", "global_step")}
+
+
+@dataclass
+class _Child:
+    run: str
+    process: subprocess.Popen
+    log: object
+    started: float = field(default_factory=time.time)
+
+
+def _single_thread_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[key] = "1"
+    return env
+
+
+def train(runs: Sequence[str], epochs: int, hours: float, nice: int = 10, live_root: Path = LIVE_ROOT,
+          state_root: Path = STATE_ROOT, overrides: dict[str, str] | None = None, poll_seconds: float = 10.0) -> dict[str, int]:
+    """Train (or continue) the runs side by side, one thread each, for at most ``hours``.
+
+    Returns each run's exit code (0: reached ``epochs``; -15: stopped at the deadline).
+    The resumable state is snapshotted to ``state_root`` at the end, also on Ctrl-C.
+    """
+    children: list[_Child] = []
+    deadline = time.time() + hours * 3600.0
+    codes: dict[str, int] = {}
+    try:
+        for run in runs:
+            resume = restore(run, live_root, state_root)
+            progress = run_progress(live_root / run) if resume else None
+            if progress is not None and progress["epoch"] >= epochs:
+                print(f"{run}: already at epoch {progress['epoch']} >= {epochs}; nothing to train")
+                codes[run] = 0
+                continue
+            (live_root / run).mkdir(parents=True, exist_ok=True)
+            command = training_command(run, epochs, resume, live_root, overrides)
+            log = open(live_root / run / "train.log", "a", encoding="utf-8")
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+            log.flush()
+            print(f"{run}: {'continuing' if resume else 'starting'} ({progress or 'new run'}); log {log.name}")
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=_single_thread_env(),
+                preexec_fn=(lambda: os.nice(nice)) if nice else None,
+            )
+            children.append(_Child(run, process, log))
+        while children and any(c.process.poll() is None for c in children):
+            if time.time() >= deadline:
+                print(f"deadline of {hours} h reached; stopping (the runs resume from their last checkpoint)")
+                break
+            time.sleep(poll_seconds)
+    except KeyboardInterrupt:
+        print("interrupted; stopping the runs (they resume from their last checkpoint)")
+    finally:
+        for child in children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+            child.log.close()
+            codes[child.run] = child.process.returncode
+            hours_used = (time.time() - child.started) / 3600.0
+            print(f"{child.run}: exit {child.process.returncode} after {hours_used:.2f} h; "
+                  f"progress {run_progress(live_root / child.run)}")
+        for run in runs:
+            snapshot(run, live_root, state_root)
+    return codes
+
+
+def status(runs: Sequence[str], live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT) -> list[str]:
+    """One line per run: where it is and its latest evaluation."""
+    from training.metrics_log import read_records
+
+    lines = []
+    for run in runs:
+        folder = live_root / run if (live_root / run / "resume_state.pt").is_file() else state_root / run
+        progress = run_progress(folder)
+        records = read_records(folder)
+        last = records[-1] if records else None
+        text = f"{run}: {progress or 'not started'}"
+        if last:
+            stab = last.get("stability") or {}
+            text += (f"; epoch {last['epoch']} val NLL {last.get('val_nll')}, atom stab {stab.get('atm_stable')}, "
+                     f"mol stab {stab.get('mol_stable')}")
+        lines.append(text)
+    return lines
+
+
+def plot_curves(run_dirs: dict[str, Path], out: Path) -> Path:
+    """Validation NLL and atom / molecule stability against optimiser steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from training.metrics_log import read_records
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("val_nll", "validation NLL", None), ("atm_stable", "atom stability (%)", 100.0),
+              ("mol_stable", "molecule stability (%)", 100.0)]
+    for label, folder in run_dirs.items():
+        records = read_records(folder)
+        for ax, (key, title, scale) in zip(axes, panels):
+            points = []
+            for r in records:
+                value = r.get(key) if scale is None else (r.get("stability") or {}).get(key)
+                if value is not None:
+                    points.append((r["step"], value * (scale or 1.0)))
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    for ax, (_, title, _) in zip(axes, panels):
+        ax.set_xlabel("optimiser steps")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+PILOT_ROOT = Path("outputs/equal_budget_pilot")
+
+
+def parse_candidate(text: str) -> dict[str, str]:
+    """'nf=64,n_layers=4,lr=5e-4' -> {'nf': '64', 'n_layers': '4', 'lr': '5e-4'} (flags of COMMON_FLAGS)."""
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in COMMON_FLAGS:
+            raise SystemExit(f"pilot candidate {text!r}: expected key=value pairs with keys from {sorted(COMMON_FLAGS)}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def validation_nll(run_dir: Path, n_molecules: int) -> float:
+    """EDM's NLL of the run's EMA weights (from its resume state) on the first validation molecules."""
+    import torch
+
+    from configs.datasets_config import get_dataset_info
+    from configs.run_args import load_run_args
+    from qm9.dataset import retrieve_dataloaders
+    from qm9.models import get_model
+    from training.args import fill_legacy_defaults
+    from training.data import build_loaders
+    from training.loop import test
+    from training.run import seed_everything
+
+    args = fill_legacy_defaults(load_run_args(run_dir))
+    args.data_subset, args.context_node_nf = n_molecules, 0
+    dataset_info = get_dataset_info(args.dataset, args.remove_h)
+    loaders = build_loaders(retrieve_dataloaders(args)[0], args)
+    model, nodes_dist, _ = get_model(args, torch.device("cpu"), dataset_info, loaders["train"])
+    saved = torch.load(run_dir / "resume_state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["model_ema"] if saved["model_ema"] is not None else saved["model"])
+    seed_everything(0)  # the same noise draws for every candidate
+    return test(args, loaders["valid"], 0, model, torch.device("cpu"), torch.float32, nodes_dist, "Val")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere or when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def pilot(candidates: Sequence[str], cpu_minutes: float, n_val: int = 2000, nice: int = 10,
+          root: Path = PILOT_ROOT, poll_seconds: float = 5.0) -> list[dict]:
+    """Train each candidate EDM configuration (all at once, one thread each) until it has used
+    ``cpu_minutes`` of CPU time, then score the EMA weights of its last checkpoint by validation NLL.
+
+    CPU time, not wall time, is the budget: on a shared machine it is what each candidate
+    really got. Checkpoints every 100 steps, so each candidate is scored at most 100 steps
+    short of its budget; the CPU seconds per step are reported beside the score.
+    """
+    tags = {c: c.replace(",", "_").replace("=", "") for c in candidates}
+    children = {}
+    for cand in candidates:
+        run_dir = root / tags[cand]
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        overrides = {**parse_candidate(cand), "n_stability_samples": "0", "checkpoint_every_steps": "100"}
+        command = [sys.executable, str(REPO / "main_qm9.py"), "--exp_name", tags[cand], "--output_root", str(root),
+                   "--n_epochs", "1000", *flag_list({**COMMON_FLAGS, **overrides})]
+        run_dir.mkdir(parents=True)
+        log = open(run_dir / "train.log", "w", encoding="utf-8")
+        print(f"pilot {cand}: {' '.join(command)}", flush=True)
+        children[cand] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                           env=_single_thread_env(),
+                                           preexec_fn=(lambda: os.nice(nice)) if nice else None), log)
+    used: dict[str, float] = {}
+    while any(p.poll() is None for p, _ in children.values()):
+        for cand, (process, log) in children.items():
+            if process.poll() is None:
+                seconds = cpu_seconds(process.pid)
+                used[cand] = seconds if seconds is not None else used.get(cand, 0.0)
+                if seconds is not None and seconds >= cpu_minutes * 60.0:
+                    process.send_signal(signal.SIGTERM)
+                    process.wait()
+                    log.close()
+        time.sleep(poll_seconds)
+    results = []
+    for cand in candidates:
+        run_dir = root / tags[cand]
+        progress = run_progress(run_dir)
+        steps = progress["global_step"] if progress else 0
+        nll = validation_nll(run_dir, n_val) if progress else float("nan")
+        results.append({"candidate": cand, "cpu_seconds": round(used.get(cand, 0.0), 1), "steps": steps,
+                        "cpu_seconds_per_step": round(used.get(cand, 0.0) / max(steps, 1), 3), "val_nll": nll})
+        print(f"pilot {cand}: {results[-1]}", flush=True)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="EDM vs EDM+GAGA at equal budget on a CPU (training side).")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train both runs side by side (resumes), then snapshot their state")
+    t.add_argument("--epochs", type=int, required=True, help="train until this epoch (the equal budget)")
+    t.add_argument("--hours", type=float, default=2.5, help="stop after this many hours (resume later)")
+    t.add_argument("--nice", type=int, default=10, help="niceness of the training processes (0: none)")
+    t.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    pl = sub.add_parser("pilot", help="train candidate configurations for a few minutes each; score by validation NLL")
+    pl.add_argument("--candidates", nargs="+", required=True, help="e.g. nf=64,n_layers=4,lr=5e-4 nf=128,n_layers=4")
+    pl.add_argument("--cpu_minutes", type=float, default=8.0, help="CPU minutes per candidate (all run at once)")
+    pl.add_argument("--n_val", type=int, default=2000, help="validation molecules for the score")
+    sub.add_parser("status", help="where each run is")
+    c = sub.add_parser("curves", help="PNG of validation NLL and stability against steps for both runs")
+    c.add_argument("--out", default=str(STATE_ROOT.parent / "training_curves.png"))
+    s = sub.add_parser("snapshot", help="copy the live runs' resumable state to pretrained/training_state")
+    s.add_argument("--runs", default=",".join(RUNS))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runs = [r for r in getattr(args, "runs", ",".join(RUNS)).split(",") if r]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
+    if args.command == "train":
+        if args.epochs < 1 or not args.hours > 0:
+            raise SystemExit("--epochs must be >= 1 and --hours > 0")
+        codes = train(runs, args.epochs, args.hours, args.nice)
+        print("\n".join(status(runs)))
+        return 0 if all(c in (0, -signal.SIGTERM) for c in codes.values()) else 1
+    if args.command == "pilot":
+        import json
+
+        results = pilot(args.candidates, args.cpu_minutes, args.n_val)
+        PILOT_ROOT.mkdir(parents=True, exist_ok=True)
+        (PILOT_ROOT / "pilot.json").write_text(json.dumps({"cpu_minutes": args.cpu_minutes, "results": results}, indent=1))
+        for r in results:
+            print(f"{r['candidate']:32s} steps {r['steps']:6d} ({r['cpu_seconds_per_step']:.3f} CPU s/step)  "
+                  f"val NLL {r['val_nll']:.2f}")
+        return 0
+    if args.command == "status":
+        print("\n".join(status(runs)))
+        return 0
+    if args.command == "curves":
+        folders = {run: (LIVE_ROOT / run if (LIVE_ROOT / run / "metrics.jsonl").is_file() else STATE_ROOT / run)
+                   for run in runs}
+        print(plot_curves(folders, Path(args.out)))
+        return 0
+    if args.command == "snapshot":
+        for run in runs:
+            print(f"{run}: {[str(p) for p in snapshot(run)]}")
+        return 0
+    return 2
