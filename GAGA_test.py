@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from equivariant_diffusion.samplers import sampler_names
 from training.args import str2bool
 from training import sampling_benchmark as bench
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling_step_size", type=int, default=1, help="stride of the reverse chain (s = t - stride)")
     p.add_argument("--shortcut", type=str, default="Gaussian", choices=("Gaussian", "none"),
                    help="'Gaussian': start at --GA_timestep from N(0, v_T* I); 'none': EDM's full chain from T")
-    p.add_argument("--sampler", type=str, default="ddpm", choices=("ddpm", "ddim"))
+    p.add_argument("--sampler", type=str, default="ddpm", choices=sampler_names())
     p.add_argument("--test_name", type=str, default="QM9_GA", help="names the output files")
     p.add_argument("--dataset_var", type=float, default=None,
                    help="dataset variance v of the Gaussian start (QM9 0.848, GEOM 0.952; default: the run's)")

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from equivariant_diffusion.samplers import sampler_names
 from training.args import optional_int, str2bool
 from training.loop import sample_molecules, sampling_options, test
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start of the reverse chain (Gaussian start); default: the run's max_t if < T, 'None' = T")
     p.add_argument("--dataset_var", type=float, default=None, help="data variance of the Gaussian start (default: the run's)")
     p.add_argument("--sampling_step_size", type=int, default=None, help="stride of the reverse chain (default: the run's)")
-    p.add_argument("--sampler", type=str, default=None, choices=("ddpm", "ddim"), help="default: the run's (ddpm)")
+    p.add_argument("--sampler", type=str, default=None, choices=sampler_names(), help="default: the run's (ddpm)")
     p.add_argument("--no_novelty", action="store_true", help="skip novelty (needs the training SMILES, cached after the first run)")
     p.add_argument("--eval_nll", type=str2bool, default=False, help="also compute the validation and test NLL")
     p.add_argument("--data_subset", type=optional_int, default=None, help="NLL on the first N molecules of each split only")

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from equivariant_diffusion.samplers import sampler_names
 from training.args import optional_int, str2bool
 from training.loop import sampling_options
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start of the reverse chain; default: the run's max_t if < T, 'None' = T")
     p.add_argument("--dataset_var", type=float, default=None)
     p.add_argument("--sampling_step_size", type=int, default=None)
-    p.add_argument("--sampler", type=str, default=None, choices=("ddpm", "ddim"))
+    p.add_argument("--sampler", type=str, default=None, choices=sampler_names())
     p.add_argument("--no-cuda", dest="no_cuda", action="store_true")
     return p
 

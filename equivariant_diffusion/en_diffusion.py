@@ -12,7 +12,8 @@ GAGA is a set of switches on the same class, not a second class:
   caller, see ``qm9.losses.preprocess_batch``).
 * ``sample(start_step=T*, dataset_var=v, step_size=k, sampler='ddpm'|'ddim')``: Gaussian start
   z_T* ~ N(0, v_T* I) with the closed form v_t = alpha_t^2 v + sigma_t^2 (zero-centred like the
-  noise), then the reverse chain T* -> 0 with stride k; 'ddim' makes each step deterministic.
+  noise), then the reverse chain T* -> 0 with stride k; the sampler ('ddpm', 'ddim',
+  'dpm_solver_2m', see ``equivariant_diffusion.samplers``) makes each step.
 
 Oddities of the training objective that published checkpoints were trained with, and which
 are therefore reproduced on purpose:
@@ -43,9 +44,9 @@ from torch.nn import functional as F
 from equivariant_diffusion import utils as diffusion_utils
 from equivariant_diffusion.noise_schedule import PredefinedNoiseSchedule
 from equivariant_diffusion.noise_schedule import variance_t as closed_form_variance_t
+from equivariant_diffusion.samplers import SamplingOptions, get_sampler
 from equivariant_diffusion.utils import remove_mean_with_mask, sum_except_batch
 
-SAMPLERS = ("ddpm", "ddim")
 
 
 def cdf_standard_gaussian(x: torch.Tensor) -> torch.Tensor:
@@ -459,25 +460,6 @@ class EnVariationalDiffusion(nn.Module):
         h_int = torch.round(h_int).long() * node_mask
         return x, {"integer": h_int, "categorical": h_cat}
 
-    def _reverse_schedule(self, start_step: int | None, step_size: int, sampler: str) -> tuple[int, list[tuple[int, int]]]:
-        """Validated (T_start, [(s_int, t_int), ...]) of the reverse chain, from T_start down to 0."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if isinstance(step_size, bool) or int(step_size) != step_size or step_size < 1:
-            raise ValueError(f"step_size must be a positive integer, got {step_size!r}")
-        step_size = int(step_size)
-        if start_step is None:
-            start = self.T
-            if start % step_size:
-                raise ValueError(f"step_size {step_size} must divide the number of diffusion steps T = {self.T}")
-        else:
-            if isinstance(start_step, bool) or int(start_step) != start_step or not 1 <= start_step <= self.T:
-                raise ValueError(f"start_step must be an integer in [1, {self.T}], got {start_step!r}")
-            start = int(start_step)
-            if start % step_size:
-                raise ValueError(f"start_step {start} must be a multiple of step_size {step_size}")
-        return start, [(t - step_size, t) for t in range(start, 0, -step_size)]
-
     def gaussian_start(self, n_samples, n_nodes, node_mask, start_step: int, dataset_var: float = 1.0,
                        fix_noise: bool = False) -> torch.Tensor:
         """GAGA's start z_T* ~ N(0, v_T* I), v_t = alpha_t^2 dataset_var + sigma_t^2, centred like the noise
@@ -493,14 +475,6 @@ class EnVariationalDiffusion(nn.Module):
             z = self.gaussian_start(n_samples, n_nodes, node_mask, start_step, dataset_var, fix_noise)
         self._assert_centred(z, node_mask)
         return z
-
-    def _step(self, sampler, s_int, t_int, z, node_mask, edge_mask, context, fix_noise):
-        n_samples = z.size(0)
-        s = self._time(s_int, n_samples, z.device)
-        t = self._time(t_int, n_samples, z.device)
-        if sampler == "ddim":
-            return self.sample_p_zs_given_zt_ddim(s, t, z, node_mask, edge_mask, context)
-        return self.sample_p_zs_given_zt(s, t, z, node_mask, edge_mask, context, fix_noise=fix_noise)
 
     @torch.no_grad()
     def sample(
@@ -522,12 +496,12 @@ class EnVariationalDiffusion(nn.Module):
         GAGA's Gaussian approximation N(0, v_T* I) with v_t = alpha_t^2 dataset_var + sigma_t^2;
         step_size=k takes steps t -> t - k; sampler='ddim' makes the steps deterministic.
         """
-        _, schedule = self._reverse_schedule(start_step, step_size, sampler)
-        z = self._initial_z(n_samples, n_nodes, node_mask, fix_noise, start_step, dataset_var)
-        for s_int, t_int in schedule:
-            z = self._step(sampler, s_int, t_int, z, node_mask, edge_mask, context, fix_noise)
+        options = SamplingOptions(sampler, start_step, step_size, dataset_var).validated(self.T)
+        solver = get_sampler(options.sampler)
+        z = self._initial_z(n_samples, n_nodes, node_mask, fix_noise, options.start_step, options.dataset_var)
+        z = solver.run(self, z, options.schedule(self.T), node_mask, edge_mask, context, fix_noise=fix_noise)
         x, h = self.sample_p_xh_given_z0(
-            z, node_mask, edge_mask, context, fix_noise=fix_noise, deterministic=sampler == "ddim"
+            z, node_mask, edge_mask, context, fix_noise=fix_noise, deterministic=solver.deterministic
         )
         diffusion_utils.assert_mean_zero_with_mask(x, node_mask)
         max_cog = torch.sum(x, dim=1, keepdim=True).abs().max().item()
@@ -554,20 +528,23 @@ class EnVariationalDiffusion(nn.Module):
 
         Frame 0 is the decoded molecule (x, one-hot, charges), the last frame the noisiest.
         """
-        start, schedule = self._reverse_schedule(start_step, step_size, sampler)
+        options = SamplingOptions(sampler, start_step, step_size, dataset_var).validated(self.T)
+        solver = get_sampler(options.sampler)
+        schedule = options.schedule(self.T)
         n_steps = len(schedule)
         if keep_frames is None:
             keep_frames = n_steps
         elif not 1 <= keep_frames <= n_steps:
             raise ValueError(f"keep_frames must be in [1, {n_steps}] (the number of sampling steps), got {keep_frames}")
-        z = self._initial_z(n_samples, n_nodes, node_mask, False, start_step, dataset_var)
+        z = self._initial_z(n_samples, n_nodes, node_mask, False, options.start_step, options.dataset_var)
         chain = torch.zeros((keep_frames,) + z.size(), device=z.device)
-        for s_int, t_int in schedule:
-            z = self._step(sampler, s_int, t_int, z, node_mask, edge_mask, context, False)
-            diffusion_utils.assert_mean_zero_with_mask(z[:, :, : self.n_dims], node_mask)
-            write_index = ((s_int // step_size) * keep_frames) // n_steps
-            chain[write_index] = self.unnormalize_z(z, node_mask)
-        x, h = self.sample_p_xh_given_z0(z, node_mask, edge_mask, context, deterministic=sampler == "ddim")
+
+        def keep_frame(s_int: int, t_int: int, z_s: torch.Tensor) -> None:
+            diffusion_utils.assert_mean_zero_with_mask(z_s[:, :, : self.n_dims], node_mask)
+            chain[((s_int // options.step_size) * keep_frames) // n_steps] = self.unnormalize_z(z_s, node_mask)
+
+        z = solver.run(self, z, schedule, node_mask, edge_mask, context, on_step=keep_frame)
+        x, h = self.sample_p_xh_given_z0(z, node_mask, edge_mask, context, deterministic=solver.deterministic)
         diffusion_utils.assert_mean_zero_with_mask(x[:, :, : self.n_dims], node_mask)
         chain[0] = torch.cat([x, h["categorical"], h["integer"]], dim=2)
         return chain.view(n_samples * keep_frames, *z.size()[1:])

@@ -34,6 +34,8 @@ class DiffusionForSampling(Protocol):
 
     T: int
 
+    def _time(self, t_int: int, n_samples: int, device) -> torch.Tensor: ...
+    def _recenter(self, z: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor: ...
     def gamma(self, t: torch.Tensor) -> torch.Tensor: ...
     def phi(self, z, t, node_mask, edge_mask, context) -> torch.Tensor: ...
     def sample_p_zs_given_zt(self, s, t, zt, node_mask, edge_mask, context, fix_noise=False) -> torch.Tensor: ...
@@ -86,11 +88,8 @@ def get_sampler(name: str) -> Sampler:
 
 
 def _times(model, s_int: int, t_int: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, t) as (B, 1) tensors of t_int / T."""
-    n = like.size(0)
-    s = torch.full((n, 1), s_int / model.T, device=like.device, dtype=like.dtype)
-    t = torch.full((n, 1), t_int / model.T, device=like.device, dtype=like.dtype)
-    return s, t
+    """(s, t) as (B, 1) tensors of t_int / T, computed as EDM does."""
+    return model._time(s_int, like.size(0), like.device), model._time(t_int, like.size(0), like.device)
 
 
 @register_sampler("ddpm")

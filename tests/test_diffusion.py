@@ -325,11 +325,11 @@ def test_sample_chain_frames():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(start_step=0), r"start_step must be an integer in \[1, 20\]"),
-        (dict(start_step=21), r"start_step must be an integer in \[1, 20\]"),
-        (dict(start_step=10, step_size=3), "start_step 10 must be a multiple of step_size 3"),
-        (dict(step_size=3), "step_size 3 must divide the number of diffusion steps"),
-        (dict(step_size=0), "step_size must be a positive integer"),
+        (dict(start_step=0), r"start step \(T\*\) must be an integer in \[1, 20\], got 0"),
+        (dict(start_step=21), r"start step \(T\*\) must be an integer in \[1, 20\], got 21"),
+        (dict(start_step=10, step_size=3), "the start step 10 is not a multiple of the sampling step size 3"),
+        (dict(step_size=3), "the number of diffusion steps T = 20 is not a multiple of the sampling step size 3"),
+        (dict(step_size=0), "sampling step size must be a positive integer, got 0"),
         (dict(sampler="euler"), "unknown sampler"),
     ],
 )

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from configs.datasets_config import published_dataset_var
 from configs.run_args import infer_zero_center_h
+from equivariant_diffusion.samplers import sampler_names
 
 SCRIPTS = ("qm9", "geom")
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
@@ -179,7 +180,7 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     a("--sampling_step_size", type=int, default=1, help="stride of the reverse chain when sampling")
     a("--zero_center_h", type=zero_center_choice, default="auto",
       help="centre atom-type features per molecule: auto (= true iff --max_t given), true, false")
-    a("--sampler", type=str, default="ddpm", choices=("ddpm", "ddim"), help="sampler of the stability check")
+    a("--sampler", type=str, default="ddpm", choices=sampler_names(), help="sampler of the stability check")
     # --- this implementation ---
     a("--seed", type=int, default=1, help="seed of the model init, the data order and the noise")
     a("--output_root", type=str, default="outputs", help="parent folder of run folders (outputs/<exp_name>)")

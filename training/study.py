@@ -265,6 +265,142 @@ def plot_curves(run_dirs: dict[str, Path], out: Path) -> Path:
     return out
 
 
+PRETRAINED_ROOT = REPO / "pretrained"
+
+
+def ship(run: str, epoch: int, live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT,
+         out_root: Path = PRETRAINED_ROOT) -> Path:
+    """Write ``<out_root>/<run>/{args.pickle, generative_model_ema.npy}`` from the run's resume state,
+    which must be exactly at the end of ``epoch`` (the equal budget): a folder every script loads."""
+    import torch
+
+    from configs.run_args import load_run_args, save_run_args
+    from training.checkpoint import EMA_FILE, atomic_torch_save
+
+    folder = live_root / run if (live_root / run / "resume_state.pt").is_file() else state_root / run
+    progress = run_progress(folder)
+    if progress is None or progress["epoch"] != epoch or progress["step_in_epoch"] != 0:
+        raise SystemExit(f"{run} is at {progress}, not at the end of epoch {epoch}; train it there first "
+                         f"(python equal_budget.py train --epochs {epoch})")
+    saved = torch.load(folder / "resume_state.pt", map_location="cpu", weights_only=True)
+    args = load_run_args(folder)
+    args.current_epoch, args.n_epochs, args.resume = epoch, epoch, None
+    out = out_root / run
+    atomic_torch_save(saved["model_ema"] if saved["model_ema"] is not None else saved["model"], out / EMA_FILE)
+    save_run_args(out, args)
+    return out
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    label: str
+    run: str
+    options: dict  # SamplingOptions fields
+
+
+def evaluation_rows(t_star: int = GAGA_T_STAR, earlier: int = 450, ddim_stride: int = 2, solver_stride: int = 20,
+                    v: float = GAGA_DATASET_VAR) -> list[EvalRow]:
+    """The study's table: EDM's chains, GAGA's, and the control (EDM's model from GAGA's start)."""
+    edm, gaga = list(RUNS)
+    return [
+        EvalRow("EDM full chain", edm, dict(sampler="ddpm", start_step=None, step_size=1, dataset_var=1.0)),
+        EvalRow(f"EDM DDIM stride {ddim_stride}", edm, dict(sampler="ddim", start_step=None, step_size=ddim_stride, dataset_var=1.0)),
+        EvalRow(f"EDM DPM-Solver++(2M) stride {solver_stride}", edm,
+                dict(sampler="dpm_solver_2m", start_step=None, step_size=solver_stride, dataset_var=1.0)),
+        EvalRow(f"EDM model, Gaussian start at {t_star} (no GAGA training)", edm,
+                dict(sampler="ddpm", start_step=t_star, step_size=1, dataset_var=v)),
+        EvalRow(f"EDM+GAGA at T*={t_star}", gaga, dict(sampler="ddpm", start_step=t_star, step_size=1, dataset_var=v)),
+        EvalRow(f"EDM+GAGA started at {earlier}", gaga, dict(sampler="ddpm", start_step=earlier, step_size=1, dataset_var=v)),
+        EvalRow(f"EDM+GAGA DDIM stride {ddim_stride}", gaga,
+                dict(sampler="ddim", start_step=t_star, step_size=ddim_stride, dataset_var=v)),
+        EvalRow(f"EDM+GAGA DPM-Solver++(2M) stride {solver_stride // 2}", gaga,
+                dict(sampler="dpm_solver_2m", start_step=t_star, step_size=solver_stride // 2, dataset_var=v)),
+    ]
+
+
+def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iterations: int, batch_size: int = 100,
+             seed: int = 0, out_stem: Path | None = None, nll: bool = True, datadir: str | None = None) -> list[dict]:
+    """Sample and score every row with the same code, seeds and budget; test NLL per model."""
+    import json
+
+    import torch
+
+    from equivariant_diffusion.samplers import SamplingOptions
+    from training import sampling_benchmark as bench
+    from training.evaluate import evaluate_molecules, load_run, training_smiles
+    from training.loop import sample_molecules
+
+    device = torch.device("cpu")
+    loaded = {run: load_run(model_root / run, device, datadir=datadir) for run in {r.run for r in rows}}
+    first = next(iter(loaded.values()))
+    smiles = training_smiles(first.args, first.dataset_info)
+    test_nll = {}
+    if nll:
+        for run, lr in loaded.items():
+            test_nll[run] = _test_nll(lr, datadir)
+            print(f"{run}: test NLL {test_nll[run]:.3f}", flush=True)
+    results = []
+    for row in rows:
+        lr = loaded[row.run]
+        T = int(lr.args.diffusion_steps)
+        opts = SamplingOptions(**row.options).validated(T)
+        setting = bench.SamplingSetting(row.label, opts.start_step, opts.step_size, opts.sampler, opts.dataset_var)
+
+        def sample_fn(n: int, options: dict, lr=lr) -> dict:
+            return sample_molecules(lr.args, lr.model, lr.nodes_dist, lr.dataset_info, device, n,
+                                    batch_size=batch_size, options=options)
+
+        print(f"{row.label}: {setting.n_steps(T)} steps, {n_samples} molecules x {iterations}", flush=True)
+        result = bench.run_setting(setting, sample_fn, lambda m, lr=lr: evaluate_molecules(m, lr.dataset_info, smiles),
+                                   n_samples, iterations, T, device, seed=seed)
+        result["run"], result["test_nll"] = row.run, test_nll.get(row.run)
+        results.append(result)
+        print(bench.markdown_table([result], baseline_index=None).splitlines()[2], flush=True)
+    if out_stem is not None:
+        out_stem.parent.mkdir(parents=True, exist_ok=True)
+        out_stem.with_suffix(".md").write_text(markdown_report(results) + "\n")
+        out_stem.with_suffix(".json").write_text(json.dumps({"results": results, "test_nll": test_nll}, indent=1))
+    return results
+
+
+def _test_nll(lr, datadir: str | None) -> float:
+    import torch
+
+    from qm9.dataset import retrieve_dataloaders
+    from training.data import build_loaders
+    from training.loop import test
+    from training.run import seed_everything
+
+    args = lr.args
+    if datadir is not None:
+        args.datadir = datadir
+    loaders = build_loaders(retrieve_dataloaders(args)[0], args)
+    seed_everything(0)
+    return test(args, loaders["test"], 0, lr.model, torch.device("cpu"), torch.float32, lr.nodes_dist, "Test")
+
+
+def markdown_report(results: Sequence[dict]) -> str:
+    """| model | start | steps | atom stab | mol stab | valid | V x U | novelty | s/mol | (mean ± std over iterations)."""
+    from training.sampling_benchmark import _pm
+
+    header = ["row", "model", "start", "steps", "atom stab (%)", "mol stab (%)", "valid (%)", "V x U (%)",
+              "novelty (%)", "s / mol", "test NLL"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        setting = r["setting"]
+        start = f"N(0, v_{setting['start_step']}) at {setting['start_step']}" if setting["start_step"] else "N(0, I) at 1000"
+        nll = r.get("test_nll")
+        lines.append("| " + " | ".join([
+            r["label"], r["run"], start, str(r["steps"]), _pm(r, "atm_stable"), _pm(r, "mol_stable"), _pm(r, "validity"),
+            _pm(r, "validity_x_uniqueness"), _pm(r, "novelty"), _pm(r, "s_per_molecule", 1.0, 4),
+            "n/a" if nll is None else f"{nll:.2f}",
+        ]) + " |")
+    n, k = results[0]["n_samples"], len(results[0]["iterations"])
+    lines += ["", f"{n} molecules per iteration, {k} iterations, mean ± std; seconds per molecule are wall clock "
+                  f"on {results[0]['device']}, measured in one process."]
+    return "\n".join(lines)
+
+
 PILOT_ROOT = Path("outputs/equal_budget_pilot")
 
 
@@ -371,6 +507,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--candidates", nargs="+", required=True, help="e.g. nf=64,n_layers=4,lr=5e-4 nf=128,n_layers=4")
     pl.add_argument("--cpu_minutes", type=float, default=8.0, help="CPU minutes per candidate (all run at once)")
     pl.add_argument("--n_val", type=int, default=2000, help="validation molecules for the score")
+    sh = sub.add_parser("ship", help="write pretrained/<run>/ (args.pickle + EMA weights) at the budget's epoch")
+    sh.add_argument("--epochs", type=int, required=True)
+    sh.add_argument("--runs", default=",".join(RUNS))
+    ev = sub.add_parser("evaluate", help="the study's table from the shipped models")
+    ev.add_argument("--n_samples", type=int, default=1000)
+    ev.add_argument("--iterations", type=int, default=3)
+    ev.add_argument("--batch_size", type=int, default=100)
+    ev.add_argument("--model_root", default=str(PRETRAINED_ROOT))
+    ev.add_argument("--out", default=str(PRETRAINED_ROOT / "equal_budget_results"))
+    ev.add_argument("--rows", default="", help="comma-separated row numbers (1-based) to run; default all")
+    ev.add_argument("--no_nll", action="store_true")
     sub.add_parser("status", help="where each run is")
     c = sub.add_parser("curves", help="PNG of validation NLL and stability against steps for both runs")
     c.add_argument("--out", default=str(STATE_ROOT.parent / "training_curves.png"))
@@ -400,6 +547,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in results:
             print(f"{r['candidate']:32s} steps {r['steps']:6d} ({r['cpu_seconds_per_step']:.3f} CPU s/step)  "
                   f"val NLL {r['val_nll']:.2f}")
+        return 0
+    if args.command == "ship":
+        for run in runs:
+            print(ship(run, args.epochs))
+        return 0
+    if args.command == "evaluate":
+        if args.n_samples < 1 or args.iterations < 1 or args.batch_size < 1:
+            raise SystemExit("--n_samples, --iterations and --batch_size must be >= 1")
+        rows = evaluation_rows()
+        if args.rows:
+            try:
+                rows = [rows[int(i) - 1] for i in args.rows.split(",")]
+            except (ValueError, IndexError):
+                raise SystemExit(f"--rows {args.rows!r}: give row numbers between 1 and {len(rows)}") from None
+        missing = [r for r in {row.run for row in rows} if not (Path(args.model_root) / r / "args.pickle").is_file()]
+        if missing:
+            raise SystemExit(f"no shipped model for {missing} under {args.model_root}; run `python equal_budget.py ship --epochs N` first")
+        results = evaluate(rows, Path(args.model_root), args.n_samples, args.iterations, args.batch_size,
+                           out_stem=Path(args.out), nll=not args.no_nll)
+        print(markdown_report(results))
         return 0
     if args.command == "status":
         print("\n".join(status(runs)))
