@@ -326,8 +326,3 @@ def analyze_and_save(
         if log_fn is not None:
             log_fn(metrics)
     return broadcast_object(metrics, ctx)
-
-
-def ema_target(model: torch.nn.Module, model_ema: torch.nn.Module | None) -> torch.nn.Module:
-    """The model to evaluate and sample: the EMA copy if there is one (EDM)."""
-    return unwrap(model_ema) if model_ema is not None else unwrap(model)
