@@ -26,7 +26,6 @@ from tqdm import tqdm
 from configs.run_args import resolved_max_t
 from equivariant_diffusion.utils import remove_mean_with_mask, sample_center_gravity_zero_gaussian_with_mask
 from qm9.losses import compute_loss_and_nll, preprocess_batch
-from training.checkpoint import unwrap
 from training.clipping import Queue, gradient_clipping
 from training.distributed import DistContext, all_reduce_sum, all_true, broadcast_object, gather_objects
 from training.ema import EMA
