@@ -83,6 +83,14 @@ def test_learned_gamma_values_match_reference():
     print(f"gamma on the 11-row batch bit-identical to EDM: {exact}")
 
 
+def test_gaga_reads_a_learned_schedule_from_the_weights():
+    from gaga.schedule import learned_gamma_table
+
+    ref = ef.load(LEARNED)
+    table = learned_gamma_table(ref["state_dict"], 1000)
+    assert_close(torch.from_numpy(table), ref["gamma_values"]["gamma_on_T_grid"], atol=2e-3, rtol=0)
+
+
 def test_learned_schedule_needs_the_vlb_loss():
     with pytest.raises(ValueError, match="diffusion_loss_type vlb"):
         ef.build(LEARNED, diffusion_loss_type="l2")
@@ -306,3 +314,10 @@ def test_tiny_training_run(tmp_path, qm9_datadir, one_thread, extra):
     if "learned" in extra:  # the schedule was trained: gamma_0 starts at exactly -5, gamma_1 at 10
         assert model.gamma.gamma_0.item() != -5.0 and model.gamma.gamma_1.item() != 10.0
         assert all(torch.isfinite(p).all() for p in model.gamma.parameters())
+        from gaga.schedule import gamma_table_from_run  # GAGA's analysis reads the trained schedule
+
+        ema, _, _ = get_model(args, "cpu", get_dataset_info("qm9", False), None)
+        load_generative_model(ema, run / "generative_model_ema.npy", args)
+        table = gamma_table_from_run(run)
+        assert table.shape == (11,) and table[0] == ema.gamma.gamma_0.item()
+        assert abs(table[-1] - ema.gamma.gamma_1.item()) < 1e-4
