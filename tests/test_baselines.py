@@ -229,6 +229,20 @@ def test_decode_matches_reference(name):
     assert torch.equal(h["integer"].float(), ref["charges"].float())
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_gaussian_start_and_ddim_sampling_run(name):
+    """GAGA's Gaussian start (v_t from gamma) and DDIM strides work with both models."""
+    model, _, _ = ef.build(name)
+    _, _, node_mask, edge_mask = ef.model_inputs(name)
+    node_mask, edge_mask = node_mask[:2], edge_mask.view(8, -1)[:2]
+    torch.manual_seed(0)
+    x, h = model.sample(2, node_mask.shape[1], node_mask, edge_mask, None, start_step=10,
+                        dataset_var=0.848, step_size=5, sampler="ddim")
+    assert torch.isfinite(x).all() and x.shape == (2, node_mask.shape[1], 3)
+    v = model.variance_t(0.848, 10)
+    assert v.shape == () and 0.848 < v.item() < 1.0
+
+
 # ---------------------------------------------------------------------------------- gnn
 
 
