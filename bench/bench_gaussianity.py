@@ -16,7 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:  # installed (`pip install -e .`): the packages import as they are
+    import configs  # noqa: F401
+except ImportError:  # a plain checkout: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gaga.data import DataSpec, load_features  # noqa: E402
 from gaga.gaussianity import GaussianityConfig  # noqa: E402

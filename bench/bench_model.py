@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:  # installed (`pip install -e .`): the packages import as they are
+    import configs  # noqa: F401
+except ImportError:  # a plain checkout: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.datasets_config import get_dataset_info  # noqa: E402
 from equivariant_diffusion.distributions import DistributionNodes  # noqa: E402

@@ -63,11 +63,6 @@ def get_dataset_info(dataset: str, remove_h: bool) -> dict[str, Any]:
     return copy.deepcopy(_load_all()[key])
 
 
-def atom_count_histogram(dataset_info: dict[str, Any]) -> dict[int, int]:
-    """``n_nodes`` as a dict sorted by atom count."""
-    return dict(sorted(dataset_info["n_nodes"].items()))
-
-
 # GAGA's published figures (seed README): dataset variance v (the mean per-molecule RMS of the
 # centred, normalised features) and the characteristic step T*.
 GAGA_PUBLISHED = {

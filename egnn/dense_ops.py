@@ -110,6 +110,8 @@ def _pair_preactivation(receiver, sender, edge_attr, w_edge, layout):
     per_atom = receiver.new_empty(layout.n_pairs, hidden)
     for r, s, out in zip(layout.node_blocks(receiver), layout.node_blocks(sender), layout.pair_blocks(per_atom)):
         torch.add(r.unsqueeze(2), s.unsqueeze(1), out=out)
+    if edge_attr.shape[-1] == 0:  # no edge features (EDM's GNN); oneDNN rejects K = 0 GEMMs
+        return per_atom
     if _use_onednn(per_atom):
         return _ONEDNN.binary(edge_attr, per_atom, w_edge.contiguous(), None, "add")
     return per_atom.addmm_(edge_attr, w_edge.t())
@@ -133,7 +135,7 @@ class _PairPreactivation(torch.autograd.Function):
         grad_w = grad.new_zeros(k, hidden)
         # One pass per block gives both the receiver gradient (sum over senders j) and partial
         # sums of the edge-weight gradient: [1, e_ij]^T @ grad_ij over j.
-        coeff = torch.cat([torch.ones_like(edge_attr[:, :1]), edge_attr], dim=1)
+        coeff = torch.cat([edge_attr.new_ones(edge_attr.shape[0], 1), edge_attr], dim=1)
         for g, c, gr, gs in zip(layout.pair_blocks(grad), layout.pair_blocks(coeff),
                                 layout.node_blocks(grad_receiver), layout.node_blocks(grad_sender)):
             b, m = g.shape[0], g.shape[1]
@@ -141,7 +143,9 @@ class _PairPreactivation(torch.autograd.Function):
             gr.copy_(reduced[:, 0].view(b, m, hidden))
             grad_w += reduced[:, 1:].sum(0)
             torch.sum(g, dim=1, out=gs)
-        grad_edge = _gemm(grad, w_edge.t().contiguous()) if ctx.needs_input_grad[2] else None
+        grad_edge = None
+        if ctx.needs_input_grad[2]:
+            grad_edge = _gemm(grad, w_edge.t().contiguous()) if k else grad.new_zeros(grad.shape[0], 0)
         return grad_receiver, grad_sender, grad_edge, grad_w.t(), None
 
 

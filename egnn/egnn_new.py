@@ -15,10 +15,20 @@ What differs is the algebra, which gives the same numbers with much less work:
 * Aggregation over senders is a masked sum along the j axis of a dense tensor, not a scatter.
 * The big edge GEMMs, the pair pre-activation and the gated sum use the kernels of
   ``egnn.dense_ops`` (oneDNN GEMMs on CPU, backward passes without broadcast copies).
+
+Two implementations of each layer give the same numbers (tests/test_egnn_reference.py):
+
+* ``reference`` (``forward_reference``): EDM's equations read top to bottom, calling the
+  modules as modules, e.g. m_ij = edge_mlp([h_i, h_j, e_ij]). Edit this one to try an idea.
+* ``fast`` (the default): the fused algebra above. It computes exactly the module structure
+  EDM builds (Linear, activation, Linear, ...); ``fast_path_ok`` checks that structure, and a
+  layer whose modules were changed (e.g. a LayerNorm added to edge_mlp) runs the reference
+  path instead, with a warning, so the change is used and never silently ignored.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -46,6 +56,84 @@ def factorised_preactivation(layer: nn.Linear, h: torch.Tensor, edge_attr: torch
     projections = linear(h, stacked, stacked_bias)  # (n_nodes, 2H)
     receiver, sender = projections[:, :hidden], projections[:, hidden:]
     return pair_preactivation(receiver, sender, edge_attr, weight[:, 2 * nf :], layout)
+
+
+IMPLS = ("fast", "reference")
+
+# Activations the fused path may apply to a pre-activation tensor: elementwise, parameter-free.
+_ELEMENTWISE = (nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Identity)
+
+
+def _is_mlp(module: nn.Module, pattern: str) -> bool:
+    """True iff ``module`` is an nn.Sequential of exactly the pattern's layers: 'L' a plain
+    nn.Linear (not a subclass: it may change forward), 'a' an elementwise activation."""
+    if type(module) is not nn.Sequential or len(module) != len(pattern):
+        return False
+    for layer, kind in zip(module, pattern):
+        if kind == "L" and type(layer) is not nn.Linear:
+            return False
+        if kind == "a" and type(layer) not in _ELEMENTWISE:
+            return False
+    return True
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown EGNN implementation {impl!r}; choose 'fast' or 'reference'")
+    return impl
+
+
+class FusedLayer(nn.Module):
+    """A layer with a fused fast path and a plain reference path (``impl``).
+
+    ``use_fast()`` is checked on every call (a few type checks): if the modules no longer
+    have the structure the fast path computes, the reference path runs and a warning says so
+    once per layer.
+    """
+
+    impl = "fast"
+
+    def fast_path_ok(self) -> bool:
+        raise NotImplementedError
+
+    def use_fast(self) -> bool:
+        if self.impl != "fast":
+            return False
+        if self.fast_path_ok():
+            return True
+        if not getattr(self, "_warned_fallback", False):
+            self._warned_fallback = True
+            warnings.warn(
+                f"{type(self).__name__}: its modules differ from the structure the fast EGNN path fuses "
+                "(Linear, activation, Linear, ...); this layer runs the reference path",
+                UserWarning, stacklevel=3,
+            )
+        return False
+
+
+def set_impl(module: nn.Module, impl: str) -> None:
+    """Select 'fast' or 'reference' for every FusedLayer inside ``module`` (warns now, at
+    construction, for layers whose structure the fast path cannot compute)."""
+    check_impl(impl)
+    for layer in module.modules():
+        if isinstance(layer, FusedLayer):
+            layer.impl = impl
+            layer.use_fast()
+
+
+def pair_rows(h: torch.Tensor, layout: PairLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_i, h_j) for every pair (b, i, j), flat (n_pairs, C): EDM's h[row], h[col]."""
+    receivers, senders = [], []
+    for hb in layout.node_blocks(h):
+        b, m, c = hb.shape
+        receivers.append(hb.unsqueeze(2).expand(b, m, m, c).reshape(-1, c))
+        senders.append(hb.unsqueeze(1).expand(b, m, m, c).reshape(-1, c))
+    return torch.cat(receivers), torch.cat(senders)
+
+
+def sum_over_senders(values: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """agg_i = sum_j values_ij, flat (n_nodes, C): EDM's unsorted_segment_sum over rows."""
+    return torch.cat([vb.sum(2).reshape(-1, vb.shape[-1]) for vb in layout.pair_blocks(values)])
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -77,7 +165,7 @@ def aggregate_scale(agg: torch.Tensor, layout: PairLayout, aggregation_method: s
     raise ValueError(f"unknown aggregation_method {aggregation_method!r}; choose 'sum' or 'mean'")
 
 
-class GCL(nn.Module):
+class GCL(FusedLayer):
     """Graph convolution: gated messages m_ij = MLP([h_i, h_j, e_ij]), h_i += MLP([h_i, sum_j m_ij])."""
 
     def __init__(
@@ -107,11 +195,16 @@ class GCL(nn.Module):
         if attention:
             self.att_mlp = nn.Sequential(nn.Linear(hidden_nf, 1), nn.Sigmoid())
 
+    def fast_path_ok(self) -> bool:
+        return _is_mlp(self.edge_mlp, "LaLa") and _is_mlp(self.node_mlp, "LaL")
+
     def forward(
         self, h: torch.Tensor, edge_attr: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor,
         layout: PairLayout,
     ) -> torch.Tensor:
         """h (n_nodes, nf), edge_attr (n_pairs, ef), node_mask (n_nodes, 1), edge_mask (n_pairs, 1)."""
+        if not self.use_fast():
+            return self.forward_reference(h, edge_attr, node_mask, edge_mask, layout)
         mlp = self.edge_mlp
         m = _activate(mlp[1], factorised_preactivation(mlp[0], h, edge_attr, layout))
         m = _linear_act(mlp[2], mlp[3], m)
@@ -126,8 +219,23 @@ class GCL(nn.Module):
         h = h + update
         return h * node_mask
 
+    def forward_reference(
+        self, h: torch.Tensor, edge_attr: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor,
+        layout: PairLayout,
+    ) -> torch.Tensor:
+        """EDM's GCL as written: same arguments and result as ``forward``."""
+        h_i, h_j = pair_rows(h, layout)
+        m_ij = self.edge_mlp(torch.cat([h_i, h_j, edge_attr], dim=1))
+        if self.attention:
+            m_ij = m_ij * self.att_mlp(m_ij)
+        m_ij = m_ij * edge_mask
+        agg = sum_over_senders(m_ij, layout)
+        agg = aggregate_scale(agg, layout, self.aggregation_method, self.normalization_factor)
+        h = h + self.node_mlp(torch.cat([h, agg], dim=1))
+        return h * node_mask
 
-class EquivariantUpdate(nn.Module):
+
+class EquivariantUpdate(FusedLayer):
     """x_i += sum_j (x_i - x_j)/(|x_i - x_j| + c) * phi_x(h_i, h_j, e_ij)."""
 
     def __init__(
@@ -164,12 +272,39 @@ class EquivariantUpdate(nn.Module):
         layout: PairLayout,
     ) -> torch.Tensor:
         """x (n_nodes, 3), coord_diff (n_pairs, 3); returns the updated, masked x."""
+        if not self.use_fast():
+            return self.forward_reference(h, x, coord_diff, edge_attr, node_mask, edge_mask, layout)
         mlp = self.coord_mlp
         c = _activate(mlp[1], factorised_preactivation(mlp[0], h, edge_attr, layout))
         c = _linear_act(mlp[2], mlp[3], c)
         c = nn.functional.linear(c, mlp[4].weight, mlp[4].bias)  # (n_pairs, 1)
         weight = torch.tanh(c) * self.coords_range if self.tanh else c
         agg = masked_sum(coord_diff, weight * edge_mask, layout)
+        agg = aggregate_scale(agg, layout, self.aggregation_method, self.normalization_factor)
+        return (x + agg) * node_mask
+
+    def fast_path_ok(self) -> bool:
+        return _is_mlp(self.coord_mlp, "LaLaL")
+
+    def forward_reference(
+        self,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        coord_diff: torch.Tensor,
+        edge_attr: torch.Tensor,
+        node_mask: torch.Tensor,
+        edge_mask: torch.Tensor,
+        layout: PairLayout,
+    ) -> torch.Tensor:
+        """EDM's coordinate update as written: same arguments and result as ``forward``."""
+        h_i, h_j = pair_rows(h, layout)
+        phi_x = self.coord_mlp(torch.cat([h_i, h_j, edge_attr], dim=1))
+        if self.tanh:
+            trans = coord_diff * torch.tanh(phi_x) * self.coords_range
+        else:
+            trans = coord_diff * phi_x
+        trans = trans * edge_mask
+        agg = sum_over_senders(trans, layout)
         agg = aggregate_scale(agg, layout, self.aggregation_method, self.normalization_factor)
         return (x + agg) * node_mask
 
@@ -257,8 +392,12 @@ class SinusoidsEmbeddingNew(nn.Module):
         return torch.cat((emb.sin(), emb.cos()), dim=-1).detach()
 
 
-class EGNN(nn.Module):
-    """embedding -> n_layers EquivariantBlocks -> embedding_out, on dense padded batches."""
+class EGNN(FusedLayer):
+    """embedding -> n_layers EquivariantBlocks -> embedding_out, on dense padded batches.
+
+    ``impl``: 'fast' (fused kernels, the default) or 'reference' (EDM's equations as written);
+    same parameters and state-dict keys, same outputs.
+    """
 
     def __init__(
         self,
@@ -278,8 +417,10 @@ class EGNN(nn.Module):
         sin_embedding: bool = False,
         normalization_factor: float = 100,
         aggregation_method: str = "sum",
+        impl: str = "fast",
     ):
         super().__init__()
+        check_impl(impl)
         if aggregation_method not in ("sum", "mean"):
             raise ValueError(f"unknown aggregation_method {aggregation_method!r}; choose 'sum' or 'mean'")
         if out_node_nf is None:
@@ -312,6 +453,10 @@ class EGNN(nn.Module):
                 ),
             )
         self.to(device)
+        set_impl(self, impl)
+
+    def fast_path_ok(self) -> bool:
+        return type(self.embedding) is nn.Linear and type(self.embedding_out) is nn.Linear
 
     def forward(
         self, h: torch.Tensor, x: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor,
@@ -333,8 +478,9 @@ class EGNN(nn.Module):
         distances = squared_distances(x, layout)
         if self.sin_embedding is not None:
             distances = self.sin_embedding(distances)
-        h = linear(h, self.embedding.weight, self.embedding.bias)
+        fast = self.use_fast()
+        h = linear(h, self.embedding.weight, self.embedding.bias) if fast else self.embedding(h)
         for i in range(self.n_layers):
             h, x = self._modules[f"e_block_{i}"](h, x, node_mask, edge_mask, edge_attr=distances, layout=layout)
-        h = linear(h, self.embedding_out.weight, self.embedding_out.bias)
+        h = linear(h, self.embedding_out.weight, self.embedding_out.bias) if fast else self.embedding_out(h)
         return h * node_mask, x

@@ -51,7 +51,11 @@ def plan_size_groups(sizes: list[int], overhead_pairs: float) -> list[int]:
 
 
 class EGNN_dynamics_QM9(nn.Module):
-    """phi(z_t, t): EDM's ``EGNN_dynamics_QM9`` (mode 'egnn_dynamics')."""
+    """phi(z_t, t): EDM's ``EGNN_dynamics_QM9`` (mode 'egnn_dynamics'); a ``egnn.backbone.Backbone``."""
+
+    # Backbone contract: the position output is re-centred here; E(3)-equivariant.
+    centres_positions = True
+    rotation_equivariant = True
 
     def __init__(
         self,

@@ -41,8 +41,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from egnn.backbone import check_backbone
 from equivariant_diffusion import utils as diffusion_utils
-from equivariant_diffusion.noise_schedule import PredefinedNoiseSchedule
+from equivariant_diffusion.noise_schedule import make_noise_schedule
 from equivariant_diffusion.noise_schedule import variance_t as closed_form_variance_t
 from equivariant_diffusion.samplers import SamplingOptions, get_sampler
 from equivariant_diffusion.utils import remove_mean_with_mask, sum_except_batch
@@ -87,16 +88,21 @@ class EnVariationalDiffusion(nn.Module):
         super().__init__()
         if loss_type not in ("vlb", "l2"):
             raise ValueError(f"unknown loss_type {loss_type!r}; choose 'l2' or 'vlb'")
-        if noise_schedule == "learned":
-            raise ValueError("the 'learned' noise schedule is not implemented; use 'polynomial_2' or 'cosine'")
+        if noise_schedule == "learned" and loss_type != "vlb":
+            raise ValueError(
+                "a learned noise schedule is trained through the VLB: use --diffusion_loss_type vlb "
+                "(or a predefined schedule such as --diffusion_noise_schedule polynomial_2 with l2)"
+            )
         if parametrization != "eps":
             raise ValueError(f"unsupported parametrization {parametrization!r}; only 'eps' exists")
         if max_t is not None and not (1 <= int(max_t) <= timesteps):
             raise ValueError(f"max_t must be in [1, {timesteps}] (the number of diffusion steps), got {max_t}")
         self.loss_type = loss_type
         self.include_charges = include_charges
-        self.gamma = PredefinedNoiseSchedule(noise_schedule, timesteps=timesteps, precision=noise_precision)
-        self.dynamics = dynamics
+        # Registered before the dynamics, as in EDM: a learned schedule's parameters come first
+        # in parameters() and hence in the optimiser state (optim.npy).
+        self.gamma = make_noise_schedule(noise_schedule, timesteps=timesteps, precision=noise_precision)
+        self.dynamics = check_backbone(dynamics)
         self.in_node_nf = in_node_nf
         self.n_dims = n_dims
         self.num_classes = self.in_node_nf - int(include_charges)
@@ -106,11 +112,9 @@ class EnVariationalDiffusion(nn.Module):
         self.norm_biases = norm_biases
         self.max_t = int(max_t) if max_t is not None else timesteps
         self.zero_center_h = bool(zero_center_h)
-        # The network follows the diffusion's centring mode (one source of truth).
-        if hasattr(dynamics, "zero_center_h"):
-            dynamics.zero_center_h = self.zero_center_h
         self.register_buffer("buffer", torch.zeros(1))
-        self.check_issues_norm_values()
+        if noise_schedule != "learned":  # EDM skips it: sigma_0 of the initial learned schedule fails it
+            self.check_issues_norm_values()
 
     # ------------------------------------------------------------------ schedule helpers
     def check_issues_norm_values(self, num_stdevs: int = 8) -> None:
@@ -125,7 +129,23 @@ class EnVariationalDiffusion(nn.Module):
             )
 
     def phi(self, x, t, node_mask, edge_mask, context):
-        return self.dynamics._forward(t, x, node_mask, edge_mask, context)
+        """eps_hat = dynamics(z_t, t), centred as the diffusion needs it (see egnn.backbone)."""
+        eps_hat = self.dynamics(t, x, node_mask, edge_mask, context)
+        return self._centre_prediction(eps_hat, node_mask)
+
+    def _centre_prediction(self, eps_hat: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
+        """The position part lives on the zero centre-of-mass subspace; in GAGA mode the feature
+        part does too. Centre what the backbone does not declare centred (egnn.backbone.Backbone)."""
+        centre_x = not self.dynamics.centres_positions
+        if not (centre_x or self.zero_center_h):
+            return eps_hat
+        nd = self.n_dims
+        eps_x, eps_h = eps_hat[:, :, :nd], eps_hat[:, :, nd:]
+        if centre_x:
+            eps_x = remove_mean_with_mask(eps_x, node_mask, check_padding=False)
+        if self.zero_center_h:
+            eps_h = remove_mean_with_mask(eps_h, node_mask, check_padding=False)
+        return torch.cat([eps_x, eps_h], dim=2)
 
     @staticmethod
     def inflate_batch_array(array: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -165,7 +185,8 @@ class EnVariationalDiffusion(nn.Module):
     def variance_t(self, dataset_var: float | torch.Tensor, t_int: int | torch.Tensor) -> torch.Tensor:
         """GAGA's closed form Var(z_t) = alpha_t^2 * dataset_var + sigma_t^2 at integer time(s) t_int."""
         t_int = torch.as_tensor(t_int, device=self.buffer.device)
-        gamma_t = self.gamma(t_int.float() / self.T)
+        # gamma takes (..., 1) time arrays (a learned schedule is a network on the last axis).
+        gamma_t = self.gamma(t_int.float().reshape(-1, 1) / self.T).reshape(t_int.shape)
         return closed_form_variance_t(dataset_var, gamma_t)
 
     # ------------------------------------------------------------------ normalisation
@@ -401,21 +422,6 @@ class EnVariationalDiffusion(nn.Module):
             delta_log_px = torch.zeros_like(delta_log_px)
         loss, _ = self.compute_loss(x, h, node_mask, edge_mask, context, t0_always=not self.training)
         return loss - delta_log_px
-
-    # ------------------------------------------------------------------ GAGA helpers
-    def get_z_t(self, x, h, node_mask, t_int):
-        """Forward-noise a normalised batch at a fixed integer time: (z_t, alpha_t, sigma_t).
-
-        x (B, N, 3) and h (dict) as returned by ``normalize``; t_int an int or (B, 1) tensor.
-        """
-        bs = x.size(0)
-        t_int = torch.as_tensor(t_int, device=x.device)
-        t = (t_int.float().expand(bs, 1) if t_int.numel() == 1 else t_int.float().reshape(bs, 1)) / self.T
-        gamma_t = self.inflate_batch_array(self.gamma(t), x)
-        alpha_t, sigma_t = self.alpha(gamma_t, x), self.sigma(gamma_t, x)
-        eps = self.sample_combined_position_feature_noise(bs, x.size(1), node_mask)
-        z_t = alpha_t * self._xh(x, h) + sigma_t * eps
-        return z_t, alpha_t, sigma_t
 
     # ------------------------------------------------------------------ sampling
     def sample_p_zs_given_zt(self, s, t, zt, node_mask, edge_mask, context, fix_noise=False):

@@ -1,8 +1,13 @@
 """Noise schedules of the variance-preserving diffusion (EDM's conventions).
 
-A schedule is a table gamma[t] = -log(alpha_t^2 / sigma_t^2) for integer t = 0..T,
-computed once in float64 and stored as float32 (``gamma.gamma`` in checkpoints).
+gamma(t) = -log(alpha_t^2 / sigma_t^2) of the normalised time t = t_int / T;
 alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t).
+
+* Predefined schedules ('polynomial_<p>', 'cosine') are a table gamma[t_int], t_int = 0..T,
+  computed once in float64 and stored as float32 (``gamma.gamma`` in checkpoints).
+* EDM's learned schedule ('learned') is ``GammaNetwork``: a monotone network of t whose
+  end points are the trainable gamma_0, gamma_1 (keys ``gamma.gamma_0``, ``gamma.gamma_1``,
+  ``gamma.l{1,2,3}.{weight,bias}``, as in EDM's checkpoints).
 """
 from __future__ import annotations
 
@@ -78,6 +83,63 @@ class PredefinedNoiseSchedule(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_int = torch.round(t * self.timesteps).long()
         return self.gamma[t_int]
+
+
+class PositiveLinear(nn.Linear):
+    """y = x softplus(W)^T + b: a linear layer with positive effective weights (monotone in x).
+
+    ``weight`` is stored unconstrained (EDM's checkpoint layout); it is initialised like
+    nn.Linear and then shifted by ``weight_init_offset`` so softplus(W) starts small.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_init_offset: int = -2):
+        self.weight_init_offset = weight_init_offset
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # kaiming-uniform weight, then the bias (EDM's RNG order)
+        with torch.no_grad():
+            self.weight.add_(self.weight_init_offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, nn.functional.softplus(self.weight), self.bias)
+
+
+class GammaNetwork(nn.Module):
+    """EDM's learned schedule (the VDM construction): gamma(t) = gamma_0 + (gamma_1 - gamma_0)
+    * (g(t) - g(0)) / (g(1) - g(0)) with g(u) = l1(u) + l3(sigmoid(l2(l1(u)))) monotone in u.
+
+    t has shape (..., 1) (EDM: (B, 1) float32). g(0) and g(1) are evaluated on tensors of t's
+    shape, as EDM does: the l3 matmul's rounding depends on the row layout and the
+    normalisation amplifies it (gamma is quantised to ~3e-4 in float32), so keeping the
+    layout is what makes the values bit-identical to EDM's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = PositiveLinear(1, 1)
+        self.l2 = PositiveLinear(1, 1024)
+        self.l3 = PositiveLinear(1024, 1)
+        self.gamma_0 = nn.Parameter(torch.tensor([-5.0]))
+        self.gamma_1 = nn.Parameter(torch.tensor([10.0]))
+
+    def gamma_tilde(self, t: torch.Tensor) -> torch.Tensor:
+        l1_t = self.l1(t)
+        return l1_t + self.l3(torch.sigmoid(self.l2(l1_t)))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        gamma_tilde_0 = self.gamma_tilde(torch.zeros_like(t))
+        gamma_tilde_1 = self.gamma_tilde(torch.ones_like(t))
+        gamma_tilde_t = self.gamma_tilde(t)
+        normalized = (gamma_tilde_t - gamma_tilde_0) / (gamma_tilde_1 - gamma_tilde_0)
+        return self.gamma_0 + (self.gamma_1 - self.gamma_0) * normalized
+
+
+def make_noise_schedule(noise_schedule: str, timesteps: int, precision: float) -> nn.Module:
+    """The module computing gamma(t): ``GammaNetwork`` for 'learned', else the predefined table."""
+    if noise_schedule == "learned":
+        return GammaNetwork()
+    return PredefinedNoiseSchedule(noise_schedule, timesteps=timesteps, precision=precision)
 
 
 def alpha2_from_gamma(gamma: torch.Tensor) -> torch.Tensor:

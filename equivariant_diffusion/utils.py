@@ -22,10 +22,6 @@ def remove_mean_with_mask(x: torch.Tensor, node_mask: torch.Tensor, check_paddin
     return x - mean * node_mask
 
 
-def remove_mean(x: torch.Tensor) -> torch.Tensor:
-    return x - x.mean(dim=1, keepdim=True)
-
-
 def assert_mean_zero_with_mask(x: torch.Tensor, node_mask: torch.Tensor, eps: float = 1e-10) -> None:
     assert_correctly_masked(x, node_mask)
     largest = x.abs().sum(1, keepdim=True).max().item()

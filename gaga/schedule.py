@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from configs.run_args import load_run_args
-from equivariant_diffusion.noise_schedule import alpha2_from_gamma, gamma_table, sigma2_from_gamma, variance_t
+from equivariant_diffusion.noise_schedule import GammaNetwork, alpha2_from_gamma, gamma_table, sigma2_from_gamma, variance_t
 
 CHECKPOINT_FILES = ("generative_model_ema.npy", "generative_model.npy")
 GAMMA_KEY = "gamma.gamma"
@@ -22,17 +22,34 @@ GAMMA_KEY = "gamma.gamma"
 def gamma_table_from_flags(noise_schedule: str, steps: int, precision: float) -> np.ndarray:
     """float32 gamma[0..T] of a named schedule (bit-exact with checkpoints)."""
     if noise_schedule == "learned":
-        raise ValueError("a learned noise schedule has no fixed table; GAGA's analysis needs a predefined schedule such as polynomial_2")
+        raise ValueError(
+            "a learned noise schedule has no fixed table: pass the run (--model_path) so its trained "
+            "GammaNetwork is read, or use a predefined schedule such as polynomial_2"
+        )
     if int(steps) < 1:
         raise ValueError(f"diffusion_steps must be >= 1, got {steps}")
     return gamma_table(noise_schedule, int(steps), float(precision)).numpy()
+
+
+def learned_gamma_table(state: dict[str, torch.Tensor], steps: int) -> np.ndarray:
+    """gamma(t_int / T) for t_int = 0..T of a learned schedule (EDM's GammaNetwork) in ``state``.
+
+    Evaluated as one (T + 1, 1) batch in float32: values may differ from the per-batch
+    evaluations during sampling by ~1e-3 (gamma is quantised in float32, layout-dependent).
+    """
+    net = GammaNetwork()
+    net.load_state_dict({k[len("gamma."):]: v for k, v in state.items() if k.startswith("gamma.")})
+    with torch.no_grad():
+        grid = torch.arange(steps + 1, dtype=torch.float32).unsqueeze(1) / steps
+        return net(grid).squeeze(1).numpy()
 
 
 def gamma_table_from_run(run_dir: str | Path) -> np.ndarray:
     """The run's gamma table: read from its weights if they hold it, else recomputed from args.pickle.
 
     Both give the same float32 numbers for predefined schedules; reading the weights
-    guards against a schedule whose code changed since training.
+    guards against a schedule whose code changed since training. A learned schedule is
+    evaluated from the weights' GammaNetwork on the grid t_int / T.
     """
     args = load_run_args(run_dir)
     steps = int(getattr(args, "diffusion_steps", 1000))
@@ -48,6 +65,8 @@ def gamma_table_from_run(run_dir: str | Path) -> np.ndarray:
         table = state.get(GAMMA_KEY) if isinstance(state, dict) else None
         if table is not None and tuple(table.shape) == (steps + 1,):
             return table.detach().cpu().float().numpy()
+        if isinstance(state, dict) and "gamma.gamma_0" in state:
+            return learned_gamma_table(state, steps)
         break
     return gamma_table_from_flags(
         str(getattr(args, "diffusion_noise_schedule", "polynomial_2")),

@@ -101,9 +101,3 @@ def statistics_by_atom_count(features: MoleculeFeatures, table: dict[str, np.nda
         sums = np.bincount(table["n_atoms"], weights=np.nan_to_num(column))
         out[key] = sums[present] / counts[present]
     return out
-
-
-def measured_modality_variances(features: MoleculeFeatures) -> dict[str, float]:
-    """The variance proper (mean over molecules of the mean square) of each modality."""
-    stats = dataset_statistics(features)
-    return {name: stats[name]["mean_square"] for name in features.channels}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from configs.run_args import infer_zero_center_h
-from egnn.models import EGNN_dynamics_QM9
+from egnn.registry import BackboneSpec, build_backbone
 from equivariant_diffusion.distributions import DistributionNodes
 from equivariant_diffusion.en_diffusion import EnVariationalDiffusion
 
@@ -36,8 +36,10 @@ def _with_overrides(args: Any, overrides: dict[str, Any]) -> Any:
 def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloader_train=None, **overrides):
     """(model, nodes_dist, prop_dist) as in EDM; ``overrides`` replace fields of ``args``.
 
+    The network is the backbone registered under ``args.model`` (``egnn.registry``).
     Extra fields understood (all optional): ``max_t`` (None -> T), ``zero_center_h``
-    (None -> inferred, see ``infer_zero_center_h``), ``group_by_size`` (default True).
+    (None -> inferred, see ``infer_zero_center_h``), ``group_by_size`` (default True),
+    ``egnn_impl`` ('fast' default, or 'reference').
     """
     if isinstance(args, dict):
         args = argparse.Namespace(**args)
@@ -57,29 +59,15 @@ def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloa
     nodes_dist = DistributionNodes(histogram)
     prop_dist = None
 
-    condition_time = bool(getattr(args, "condition_time", True))
-    dynamics_in_node_nf = in_node_nf + 1 if condition_time else in_node_nf
-    zero_center_h = infer_zero_center_h(args)
-
-    net_dynamics = EGNN_dynamics_QM9(
-        in_node_nf=dynamics_in_node_nf,
+    spec = BackboneSpec(
+        in_node_nf=in_node_nf,
         context_node_nf=int(getattr(args, "context_node_nf", 0) or 0),
         n_dims=3,
+        condition_time=bool(getattr(args, "condition_time", True)),
         device=device,
-        hidden_nf=args.nf,
-        act_fn=torch.nn.SiLU(),
-        n_layers=args.n_layers,
-        attention=getattr(args, "attention", True),
-        tanh=getattr(args, "tanh", True),
-        mode=getattr(args, "model", "egnn_dynamics"),
-        norm_constant=getattr(args, "norm_constant", 1),
-        inv_sublayers=getattr(args, "inv_sublayers", 1),
-        sin_embedding=getattr(args, "sin_embedding", False),
-        normalization_factor=getattr(args, "normalization_factor", 1),
-        aggregation_method=getattr(args, "aggregation_method", "sum"),
-        zero_center_h=zero_center_h,
-        group_by_size=bool(getattr(args, "group_by_size", True)),
     )
+    net_dynamics = build_backbone(getattr(args, "model", "egnn_dynamics"), args, spec)
+    zero_center_h = infer_zero_center_h(args)
     vdm = EnVariationalDiffusion(
         dynamics=net_dynamics,
         in_node_nf=in_node_nf,
@@ -98,7 +86,7 @@ def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloa
 
 def describe_run(args: Any) -> str:
     """One-line summary of the fields that decide the parameter shapes."""
-    fields = ("nf", "n_layers", "inv_sublayers", "include_charges", "sin_embedding", "context_node_nf",
+    fields = ("model", "diffusion_noise_schedule", "nf", "n_layers", "inv_sublayers", "include_charges", "sin_embedding", "context_node_nf",
               "condition_time", "remove_h", "dataset", "max_t")
     parts = [f"{f}={getattr(args, f)!r}" for f in fields if hasattr(args, f)]
     parts.append(f"zero_center_h={infer_zero_center_h(args)!r}")

@@ -23,7 +23,8 @@ def test_network_output_matches_reference(name, group_by_size, chunk_pairs):
     inp = f["inputs"]
     for z, t, phi in [(f["z_t"], f["t_normalized"], f["phi"]),
                       (f["loss_eval"]["z_0"], f["loss_eval"]["phi_0_t_input"], f["loss_eval"]["net_out_0"])]:
-        out = model.dynamics._forward(t, z, inp["node_mask"], inp["edge_mask"], None)
+        # phi = the backbone's forward, centred by the diffusion (features too in GAGA mode)
+        out = model.phi(z, t, inp["node_mask"], inp["edge_mask"], None)
         assert_close(out, phi, atol=1e-5, rtol=0)
 
 
@@ -68,13 +69,13 @@ def batch(name: str):
 def test_rotation_reflection_and_translation_equivariance(name, reflect):
     net = lively_network(name)
     z, t, node_mask, edge_mask = batch(name)
-    out = net._forward(t, z, node_mask, edge_mask, None)
+    out = net(t, z, node_mask, edge_mask, None)
     assert out[..., :3].abs().max() > 1e-2  # the coordinate output is not trivially small
     q = random_orthogonal(reflect)
     shift = torch.tensor([1.5, -2.0, 0.7])
     z_moved = z.clone()
     z_moved[..., :3] = (z[..., :3] @ q.T + shift) * node_mask
-    out_moved = net._forward(t, z_moved, node_mask, edge_mask, None)
+    out_moved = net(t, z_moved, node_mask, edge_mask, None)
     tol = 1e-6 * out.abs().max().item()  # float32 rounding relative to the output scale
     assert_close(out_moved[..., :3], out[..., :3] @ q.T, atol=tol, rtol=0)
     assert_close(out_moved[..., 3:], out[..., 3:], atol=tol, rtol=0)
@@ -84,7 +85,7 @@ def test_rotation_reflection_and_translation_equivariance(name, reflect):
 def test_permutation_equivariance(name):
     net = lively_network(name)
     z, t, node_mask, edge_mask = batch(name)
-    out = net._forward(t, z, node_mask, edge_mask, None)
+    out = net(t, z, node_mask, edge_mask, None)
     bs, n, _ = z.shape
     generator = torch.Generator().manual_seed(3)
     perm = torch.stack([torch.randperm(n, generator=generator) for _ in range(bs)])  # moves padding too
@@ -92,15 +93,20 @@ def test_permutation_equivariance(name):
     mask_p = node_mask[rows, perm]
     pair = mask_p.squeeze(2)
     edge_p = (pair.unsqueeze(2) * pair.unsqueeze(1) * (1 - torch.eye(n))).reshape(-1, 1)
-    out_p = net._forward(t, z[rows, perm], mask_p, edge_p, None)
+    out_p = net(t, z[rows, perm], mask_p, edge_p, None)
     assert_close(out_p, out[rows, perm], atol=1e-6 * out.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("name", ef.NAMES)
 def test_outputs_are_centred_and_masked(name):
+    """The backbone centres positions; the diffusion's phi adds the features in GAGA mode."""
     net = lively_network(name)
     z, t, node_mask, edge_mask = batch(name)
-    out = net._forward(t, z, node_mask, edge_mask, None)
+    raw = net(t, z, node_mask, edge_mask, None)
+    assert raw[..., :3].sum(1).abs().max() < 1e-5 * raw.abs().max().item()
+    model, _, _ = ef.build(name)
+    model.dynamics = net
+    out = model.phi(z, t, node_mask, edge_mask, None)
     assert torch.equal(out * (1 - node_mask), torch.zeros_like(out))
     scale = out.abs().max().item()
     assert out[..., :3].sum(1).abs().max() < 1e-5 * scale
@@ -114,14 +120,14 @@ def test_extra_padding_changes_nothing(name, group_by_size):
     net = lively_network(name)
     net.group_by_size = group_by_size
     z, t, node_mask, edge_mask = batch(name)
-    out = net._forward(t, z, node_mask, edge_mask, None)
+    out = net(t, z, node_mask, edge_mask, None)
     bs, n, d = z.shape
     extra = 4
     z_pad = torch.cat([z, torch.zeros(bs, extra, d)], dim=1)
     mask_pad = torch.cat([node_mask, torch.zeros(bs, extra, 1)], dim=1)
     pair = mask_pad.squeeze(2)
     edge_pad = (pair.unsqueeze(2) * pair.unsqueeze(1) * (1 - torch.eye(n + extra))).reshape(-1, 1)
-    out_pad = net._forward(t, z_pad, mask_pad, edge_pad, None)
+    out_pad = net(t, z_pad, mask_pad, edge_pad, None)
     assert_close(out_pad[:, :n], out, atol=1e-6 * out.abs().max().item(), rtol=0)
     assert torch.equal(out_pad[:, n:], torch.zeros(bs, extra, d))
 
@@ -130,8 +136,8 @@ def test_one_time_value_is_broadcast_to_the_batch():
     net = lively_network("edm")
     z, t, node_mask, edge_mask = batch("edm")
     one = torch.tensor([[0.25]])
-    assert_close(net._forward(one, z, node_mask, edge_mask, None),
-                 net._forward(one.expand(z.size(0), 1), z, node_mask, edge_mask, None), atol=0, rtol=0)
+    assert_close(net(one, z, node_mask, edge_mask, None),
+                 net(one.expand(z.size(0), 1), z, node_mask, edge_mask, None), atol=0, rtol=0)
 
 
 def test_mean_aggregation_uses_the_padded_batch():
@@ -140,9 +146,9 @@ def test_mean_aggregation_uses_the_padded_batch():
     net = EGNN_dynamics_QM9(6, 0, 3, hidden_nf=16, n_layers=1, attention=True, tanh=True, norm_constant=1,
                             inv_sublayers=1, aggregation_method="mean", group_by_size=True)
     z, t, node_mask, edge_mask = batch("gaga")
-    grouped = net._forward(t, z, node_mask, edge_mask, None)
+    grouped = net(t, z, node_mask, edge_mask, None)
     net.group_by_size = False
-    assert torch.equal(grouped, net._forward(t, z, node_mask, edge_mask, None))
+    assert torch.equal(grouped, net(t, z, node_mask, edge_mask, None))
 
 
 def test_nan_outputs_are_reset_counted_and_warned():
@@ -151,7 +157,7 @@ def test_nan_outputs_are_reset_counted_and_warned():
     with torch.no_grad():
         net.egnn.e_block_1.gcl_equiv.coord_mlp[4].weight[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="NaN"):
-        out = net._forward(t, z, node_mask, edge_mask, None)
+        out = net(t, z, node_mask, edge_mask, None)
     assert net.nan_resets == 1
     assert torch.equal(out[..., :3], torch.zeros_like(out[..., :3]))
     assert torch.isfinite(out).all()

@@ -56,7 +56,7 @@ def test_gaga_qm9_model_has_exactly_the_reference_keys_and_shapes(gaga_qm9_model
     assert trainable == 5339407 and sum(p.numel() for p in model.parameters()) == 5340408
     assert not model.gamma.gamma.requires_grad
     assert prop_dist is None
-    assert model.max_t == 550 and model.zero_center_h and model.dynamics.zero_center_h
+    assert model.max_t == 550 and model.zero_center_h
 
 
 def test_random_reference_state_dict_loads_strictly(gaga_qm9_model, tmp_path):
@@ -136,7 +136,7 @@ def test_gaga_mode_is_recorded_or_inferred_from_max_t():
     assert not infer_zero_center_h(argparse.Namespace(max_t=550, zero_center_h=False))  # a recorded flag wins
     assert infer_zero_center_h(argparse.Namespace(zero_center_h=True))
     model, _, _ = get_model(ef.args_of("gaga"), "cpu", get_dataset_info("qm9", False), None, zero_center_h=False)
-    assert not model.zero_center_h and not model.dynamics.zero_center_h and model.max_t == 550
+    assert not model.zero_center_h and model.max_t == 550
 
 
 def test_conditioning_is_refused_with_a_clear_message():

@@ -16,6 +16,12 @@ from equivariant_diffusion.samplers import SamplingOptions, get_sampler, sampler
 V = 0.5
 
 
+class NoNetwork(torch.nn.Module):
+    """A backbone that is never called (GaussianDataDiffusion.phi is exact)."""
+
+    n_dims, centres_positions, rotation_equivariant = 3, True, True
+
+
 class GaussianDataDiffusion(EnVariationalDiffusion):
     """EDM's diffusion whose network is the exact noise predictor of N(0, V I) data."""
 
@@ -26,7 +32,7 @@ class GaussianDataDiffusion(EnVariationalDiffusion):
 
 
 def make_model(zero_center_h: bool = False) -> GaussianDataDiffusion:
-    return GaussianDataDiffusion(torch.nn.Identity(), in_node_nf=5, timesteps=1000, include_charges=False,
+    return GaussianDataDiffusion(NoNetwork(), in_node_nf=5, timesteps=1000, include_charges=False,
                                  norm_values=(1.0, 4.0, 10.0), zero_center_h=zero_center_h).double()
 
 

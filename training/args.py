@@ -25,7 +25,10 @@ from typing import Any, Sequence
 
 from configs.datasets_config import published_dataset_var
 from configs.run_args import infer_zero_center_h
+from egnn.egnn_new import IMPLS as EGNN_IMPLS
+from egnn.registry import backbone_names
 from equivariant_diffusion.samplers import sampler_names
+from training.compat import warn_no_op_flags
 
 SCRIPTS = ("qm9", "geom")
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
@@ -108,11 +111,12 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     a = p.add_argument
     # --- experiment and model ---
     a("--exp_name", type=str, default="debug_10", help="run folder name under outputs/")
-    a("--model", type=str, default="egnn_dynamics", help="dynamics network (egnn_dynamics)")
+    a("--model", type=str, default="egnn_dynamics", choices=backbone_names(),
+      help="noise-prediction network, a backbone registered in egnn/registry.py")
     a("--probabilistic_model", type=str, default="diffusion", help="diffusion")
     a("--diffusion_steps", type=int, default=200, help="T, the number of diffusion steps")
     a("--diffusion_noise_schedule", type=str, default="learned",
-      help="polynomial_<power> or cosine; EDM's default 'learned' is not implemented here (a clear error)")
+      help="learned (EDM's GammaNetwork, needs --diffusion_loss_type vlb), polynomial_<power> or cosine")
     a("--diffusion_noise_precision", type=float, default=1e-5)
     a("--diffusion_loss_type", type=str, default="vlb", help="vlb or l2")
     a("--n_epochs", type=int, default=d["n_epochs"])
@@ -182,6 +186,8 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
       help="centre atom-type features per molecule: auto (= true iff --max_t given), true, false")
     a("--sampler", type=str, default="ddpm", choices=sampler_names(), help="sampler of the stability check")
     # --- this implementation ---
+    a("--egnn_impl", type=str, default="fast", choices=EGNN_IMPLS,
+      help="EGNN/GNN layers: fast (fused kernels) or reference (EDM's equations as written); same weights, same outputs")
     a("--seed", type=int, default=1, help="seed of the model init, the data order and the noise")
     a("--output_root", type=str, default="outputs", help="parent folder of run folders (outputs/<exp_name>)")
     a("--data_subset", type=optional_int, default=None,
@@ -234,6 +240,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 def parse_args(argv: Sequence[str] | None = None, script: str = "qm9") -> argparse.Namespace:
     """Parse and resolve a training command line (unknown flags: argparse's error)."""
     args = build_parser(script).parse_args(argv)
+    warn_no_op_flags(args)
     return resolve_args(args)
 
 

@@ -26,7 +26,6 @@ from tqdm import tqdm
 from configs.run_args import resolved_max_t
 from equivariant_diffusion.utils import remove_mean_with_mask, sample_center_gravity_zero_gaussian_with_mask
 from qm9.losses import compute_loss_and_nll, preprocess_batch
-from training.checkpoint import unwrap
 from training.clipping import Queue, gradient_clipping
 from training.distributed import DistContext, all_reduce_sum, all_true, broadcast_object, gather_objects
 from training.ema import EMA
@@ -326,8 +325,3 @@ def analyze_and_save(
         if log_fn is not None:
             log_fn(metrics)
     return broadcast_object(metrics, ctx)
-
-
-def ema_target(model: torch.nn.Module, model_ema: torch.nn.Module | None) -> torch.nn.Module:
-    """The model to evaluate and sample: the EMA copy if there is one (EDM)."""
-    return unwrap(model_ema) if model_ema is not None else unwrap(model)

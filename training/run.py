@@ -33,7 +33,7 @@ from training.wandb_logger import RunLogger
 RESUME_OVERRIDABLE = {
     "n_epochs", "test_epochs", "n_stability_samples", "no_wandb", "wandb_usr", "online", "num_workers",
     "n_report_steps", "visualize_every_batch", "break_train_epoch", "datadir", "dp", "no_cuda", "save_model",
-    "checkpoint_every_steps", "nan_patience", "stop_after_steps", "output_root", "data_file",
+    "checkpoint_every_steps", "nan_patience", "stop_after_steps", "output_root", "data_file", "egnn_impl",
 }
 
 
