@@ -2,10 +2,15 @@
 
 An interrupted write never leaves a file that looks complete (caches, checkpoints,
 args.pickle). Used by every room that writes files others read back.
+
+Temp files are named ``.<target>.<pid>.<random>.tmp``: one left behind by a killed process
+(kill -9 mid-write) is recognised as ours and stale (its process is gone) and removed by the
+next write of the same target, or by ``remove_stale_temp_files`` on a whole folder.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -18,11 +23,48 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is someone else's: leave its files alone
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, target: str | None = None) -> list[Path]:
+    """Delete the temp files of atomic writes in ``folder`` whose writing process is gone
+    (only names this module creates; ``target`` limits it to one file's temps)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if not match or (target is not None and match["target"] != target) or not entry.is_file():
+            continue
+        if _process_alive(int(match["pid"])):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass  # a read-only folder: nothing we can do, and nothing is lost
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]) -> Path:
     """Call ``write_fn(binary_file)`` on a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
@@ -39,3 +81,16 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
+
+
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """None if files can be created in ``folder`` (made if missing), else why not (one line)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".write_probe.{os.getpid()}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{folder} is not writable ({e.strerror or type(e).__name__})"
+    return None
