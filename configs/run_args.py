@@ -11,6 +11,7 @@ import argparse
 import io
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,20 @@ def resolved_max_t(args: argparse.Namespace) -> int:
     T = int(getattr(args, "diffusion_steps", 1000))
     max_t = getattr(args, "max_t", None)
     return T if max_t is None else int(max_t)
+
+
+def safe_datadir(run_datadir: object, user_datadir: str | None, dataset: str) -> str:
+    """Where caches of an evaluated run are read and written: the user's --datadir when given; else
+    the run's own datadir only if it is a relative path inside the working folder (an untrusted
+    args.pickle must not choose where files are written), else the dataset's default folder."""
+    if user_datadir is not None:
+        return str(user_datadir)
+    default = "data/geom" if str(dataset).lower().startswith(("geom", "drugs")) else "qm9/temp"
+    text = str(run_datadir or "")
+    candidate = Path(text)
+    if text and not candidate.is_absolute() and ".." not in candidate.parts and not text.startswith("~"):
+        return text
+    if text:
+        print(f"note: the run's datadir {text!r} is outside the working folder; using {default} (pass --datadir to choose)",
+              file=sys.stderr)
+    return default

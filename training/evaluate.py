@@ -17,7 +17,7 @@ import torch
 
 from configs.datasets_config import get_dataset_info
 from configs.errors import CheckpointError, DataError, RunFolderError, UserInputError
-from configs.run_args import load_run_args
+from configs.run_args import load_run_args, safe_datadir
 from training.args import fill_legacy_defaults
 from training.checkpoint import EMA_FILE, MODEL_FILE
 
@@ -30,23 +30,6 @@ class LoadedRun:
     prop_dist: Any
     dataset_info: dict
     weights: Path
-
-
-def safe_datadir(run_datadir: object, user_datadir: str | None, dataset: str) -> str:
-    """Where caches of an evaluated run are read and written: the user's --datadir when given; else
-    the run's own datadir only if it is a relative path inside the working folder (an untrusted
-    args.pickle must not choose where files are written), else the dataset's default folder."""
-    if user_datadir is not None:
-        return str(user_datadir)
-    default = "data/geom" if str(dataset).lower().startswith(("geom", "drugs")) else "qm9/temp"
-    text = str(run_datadir or "")
-    candidate = Path(text)
-    if text and not candidate.is_absolute() and ".." not in candidate.parts and not text.startswith("~"):
-        return text
-    if text:
-        print(f"note: the run's datadir {text!r} is outside the working folder; using {default} (pass --datadir to choose)",
-              file=sys.stderr)
-    return default
 
 
 def check_run_config(args: argparse.Namespace, source: str) -> None:
