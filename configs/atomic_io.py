@@ -72,9 +72,11 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
             os.fsync(f.fileno())
         os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename == tmp:
+            raise OSError(e.errno, e.strerror, str(path)) from None  # name the file the user knows, not the temp
         raise
     return path
 
