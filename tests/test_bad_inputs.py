@@ -11,7 +11,7 @@ Placeholders in the command line: {run} a valid tiny run folder (args.pickle onl
 {edm_run} the same without max_t, {tmp} an empty folder, {file} a plain file (so {file}/x
 cannot be created: an unwritable output folder even for root), {evil_args} a run whose
 args.pickle runs code, {bytes_args} one that asks for builtins.bytes, {huge_args} one asking
-for nf = 10^7, {nan_args} one with dataset_var NaN, {big_args} an 8 MB args.pickle,
+for nf = 10^7, {nan_args} one with dataset_var NaN, {big_args} an 8 MB args.pickle, {text_factors} a legacy one with normalize_factors 'abc',
 {results} a Gaussianity folder whose pass cell was edited to 'x', {garbage_csv} one whose CSV is
 not CSV, {msgpack_bad} a GEOM folder with a corrupt msgpack file.
 """
@@ -119,6 +119,8 @@ MATRIX: list[tuple[str, list[str], str]] = [
     ("main_qm9", ["--resume", "{tmp}"], "no args.pickle there"),
     ("main_qm9", ["--resume", "{run}", "--overwrite"], "--overwrite and --resume contradict each other"),
     ("main_qm9", ["--resume", "{evil_args}"], "refusing to unpickle"),
+    ("main_qm9", ["--resume", "{huge_args}"], "nf=10000000 is out of range"),
+    ("main_qm9", ["--resume", "{text_factors}"], "normalize_factors 'abc' is not a list of numbers"),
     ("main_qm9", [*TRAIN, "--exp_name", "run", "--output_root", "{runs}"], "already holds a training run"),
     # --- main_geom_drugs.py: its own flags ---
     ("main_geom_drugs", [*TRAIN, "--conformations", "0"], "--conformations must be an integer >= 1"),
@@ -159,6 +161,7 @@ MATRIX: list[tuple[str, list[str], str]] = [
     ("GAGA_test", ["--model_path", "{big_args}"], "far more than a run's arguments take"),
     ("GAGA_test", ["--model_path", "{garbage_args}"], "is not a readable args pickle"),
     ("GAGA_test", ["--model_path", "{list_args}"], "holds a list, expected an argparse.Namespace"),
+    ("GAGA_test", ["--model_path", "{text_factors}"], "normalize_factors 'abc' is not a list of numbers"),
     # --- eval_analyze.py ---
     ("eval_analyze", ["--model_path", "{run}", "--n_samples", "0"], "--n_samples must be an integer >= 1"),
     ("eval_analyze", ["--model_path", "{run}", "--n_samples", "1000000000"], "--n_samples must be an integer >= 1 and <= 1e+06"),
@@ -333,6 +336,10 @@ def places(tmp_path_factory) -> dict[str, str]:
     (runs / "run" / "generative_model.npy").write_bytes(b"weights of a finished run")
     huge = tmp_path / "huge"
     save_run_args(huge, run_args(nf=10_000_000))
+    (huge / "generative_model.npy").write_bytes(b"never read")
+    text_factors = tmp_path / "text_factors"
+    save_run_args(text_factors, run_args(normalize_factors="abc"))  # legacy pickles store strings
+    (text_factors / "generative_model.npy").write_bytes(b"never read")
     nan_run = tmp_path / "nan_run"
     save_run_args(nan_run, run_args(dataset_var=math.nan))
     results = tmp_path / "results"
@@ -343,7 +350,7 @@ def places(tmp_path_factory) -> dict[str, str]:
     (garbage / "results_atoms_5.csv").write_bytes(b"\x00\x01PK not a csv at all\n")
     return {
         "tmp": str(tmp), "file": str(plain), "run": str(run), "edm_run": str(edm), "runs": str(runs), "huge_args": str(huge),
-        "nan_args": str(nan_run), "results": str(results), "garbage_csv": str(garbage),
+        "nan_args": str(nan_run), "text_factors": str(text_factors), "results": str(results), "garbage_csv": str(garbage),
         "evil_args": str(_pickle_file(tmp_path / "evil", pickle.dumps(argparse.Namespace(x=_RunsCommand())), weights=True)),
         "bytes_args": str(_pickle_file(tmp_path / "bytes", pickle.dumps(argparse.Namespace(x=_AllocatesBytes())))),
         "big_args": str(_pickle_file(tmp_path / "big", b"\x80\x04" + b"N" * (8 << 20))),

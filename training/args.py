@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from configs.datasets_config import published_dataset_var
 from configs.errors import UserInputError
-from configs.flags import compact_errors, number_list, str2bool  # noqa: F401 - str2bool/number_list: public names here
+from configs.flags import compact_errors, number_list, parse_number_list, str2bool  # noqa: F401 - str2bool/number_list: public names here
 from configs.run_args import infer_zero_center_h
 
 SCRIPTS = ("qm9", "geom")
@@ -241,7 +241,7 @@ def fill_legacy_defaults(args: argparse.Namespace, script: str | None = None) ->
         if not hasattr(out, key):
             setattr(out, key, value)
     if isinstance(out.normalize_factors, str):
-        out.normalize_factors = number_list(out.normalize_factors)
+        out.normalize_factors = parse_number_list(out.normalize_factors, "normalize_factors")
     if out.dataset_var is None:  # legacy runs: GAGA-fork runs sample from the published variance
         out.dataset_var = published_dataset_var(out.dataset) if getattr(out, "max_t", None) is not None else 1.0
     return out

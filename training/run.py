@@ -23,7 +23,7 @@ from configs.errors import CheckpointError, DataError, RunFolderError, UserInput
 from configs.run_args import ARGS_FILE, load_run_args, save_run_args
 from training import checkpoint as ckpt
 from training.args import explicit_flags, fill_legacy_defaults, parse_args
-from training.args_check import check_buildable
+from training.args_check import check_buildable, check_run_sizes
 from training.clipping import new_gradnorm_queue
 from training.data import build_loaders, per_process_batch_size
 from training.distributed import DistContext, barrier, cleanup, gather_objects, setup, wrap_model
@@ -57,6 +57,7 @@ def resume_args(args: argparse.Namespace, argv: Sequence[str], script: str) -> t
         stored = fill_legacy_defaults(load_run_args(run_dir), script)
     except (ValueError, FileNotFoundError) as e:
         raise RunFolderError(f"--resume {args.resume}: {e}") from None
+    check_run_sizes(stored, str(run_dir / ARGS_FILE))  # an untrusted args.pickle cannot ask for any size
     given = explicit_flags(argv, script) - {"resume", "start_epoch", "exp_name"}
     for key in sorted(given):
         new = getattr(args, key)
