@@ -65,9 +65,11 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    recorder = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write_fn(f)
+            recorder = _RecordingFile(f)
+            write_fn(recorder)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _default_file_mode())
@@ -75,10 +77,31 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None and e.filename == tmp:
-            raise OSError(e.errno, e.strerror, str(path)) from None  # name the file the user knows, not the temp
+        # A full or read-only disk: an OSError naming the file the user knows, not the temp. Writers
+        # such as torch.save turn the OSError of write() into a RuntimeError; the recorder kept it.
+        cause = e if isinstance(e, OSError) else getattr(recorder, "error", None)
+        if cause is not None and cause.errno is not None and (cause.filename in (None, tmp)):
+            raise OSError(cause.errno, cause.strerror, str(path)) from None
         raise
     return path
+
+
+class _RecordingFile:
+    """A binary file that remembers the OSError of a failed write (then re-raises it)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -21,6 +21,7 @@
 | 10 | args.pickle with datadir=/elsewhere | `GAGA_test.py --model_path <run>` | caches stay in qm9/temp (or --datadir) |
 | 10 | malicious weights | `GAGA_test.py --model_path <run>` | full reason (posix.system), never "weights_only=False" |
 | 11 | full disk | `GAGA_step_estimation.py` writing gaga_step.json | `error: cannot write <path>: the disk is full; ...` (exit 1) |
+| 11 | full disk during a checkpoint | training's atomic torch.save | OSError ENOSPC naming resume_state.pt (not torch's RuntimeError), no temp left |
 | 11 | NaN stop hint | training with --output_root elsewhere | hint names `--resume <output_root>/<exp_name>` (tests/test_training.py) |
 | 11 | --compare with a bad stride | `GAGA_test.py --compare --ddim_stride 3` | names --ddim_stride (tests/test_bad_inputs.py) |
 | 11 | corrupt config.json on --resume | `Gaussianity_test.py --resume` | `error: <out_dir>/config.json is unreadable (...)` |
@@ -419,3 +420,32 @@ def test_bond_tables_are_read_on_first_use_not_at_import():
     importlib.reload(bond_analyze)
     assert bond_analyze._tables.cache_info().currsize == 0
     assert bond_analyze.margin1 == 10 and bond_analyze._tables.cache_info().currsize == 1
+
+
+def test_11_a_full_disk_during_a_checkpoint_names_the_checkpoint_not_a_temp_file(tmp_path, monkeypatch):
+    """torch.save turns write()'s OSError into a RuntimeError; the atomic write recovers it."""
+    from training.checkpoint import atomic_torch_save
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(atomic_io.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError) as error:
+        atomic_torch_save({"w": torch.zeros(1000)}, tmp_path / "resume_state.pt")
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "resume_state.pt")
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind
