@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     if reason:
         print(f"note: {reason}; the estimates are printed only (pass --out to save them)", file=sys.stderr)
         return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data_root": str(data_root), "t_star": estimates, "first_pass_counts": counts}, indent=2) + "\n")
     print(f"saved {out}")
     if not args.no_plot:

@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     features = load_features(spec, split=args.split, progress=not args.no_progress)
     if args.n_molecules is not None:
         features = features.subset(random_subset_rows(features.num_atoms, args.n_molecules, args.seed))
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     columns = per_molecule_table(features)
     table = pd.DataFrame(columns).sort_values(["n_atoms", "index"], kind="stable")

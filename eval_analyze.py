@@ -121,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
     if not reason:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"Metrics written to {path}")
     return record

@@ -109,11 +109,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def unwritable_reason(folder: str | os.PathLike) -> str | None:
-    """None if files can be created in ``folder`` (made if missing), else why not (one line)."""
+    """None if files can be created in ``folder``, else why not (one line). Nothing is created:
+    a missing folder is judged by its nearest existing ancestor (where it would be made)."""
     folder = Path(folder)
+    probe_dir = folder
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return f"{folder} is not writable ({probe_dir} is a file, not a folder)"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".write_probe.{os.getpid()}.", suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=f".write_probe.{os.getpid()}.", suffix=".tmp", dir=probe_dir)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

@@ -6,7 +6,8 @@ builder and the weight reader replaced by a tripwire, and asserts:
 * the script stops with SystemExit status 2 (bad input) or 1 (environment);
 * stderr is exactly one line, ``error: ...``, holding the expected text, and no traceback;
 * no tripwire fired: no dataset was read and no model was built (``Touched`` would escape
-  the scripts' error handling, because it is not a user error).
+  the scripts' error handling, because it is not a user error);
+* nothing was created (no empty run or output folder is left behind).
 Placeholders in the command line: {run} a valid tiny run folder (args.pickle only),
 {edm_run} the same without max_t, {tmp} an empty folder, {file} a plain file (so {file}/x
 cannot be created: an unwritable output folder even for root), {evil_args} a run whose
@@ -377,6 +378,7 @@ def test_bad_input_is_one_line_before_any_data_or_model(script, argv, expected, 
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert expected.format(**places) in lines[0], lines[0]
     assert "Traceback" not in err and "weights_only=False" not in err
+    assert list(tmp_path.iterdir()) == [] and list(Path(places["tmp"]).iterdir()) == []  # nothing was created
 
 
 def test_the_matrix_covers_every_script():

@@ -260,11 +260,12 @@ def main(argv: Sequence[str] | None = None, script: str = "qm9") -> dict[str, An
     resuming = args.resume is not None
     if resuming:
         args, run_dir = resume_args(args, argv, script)
+        check_buildable(args)
         remove_stale_temp_files(run_dir)
     else:
+        check_buildable(args)
         run_dir = Path(args.output_root) / args.exp_name
         check_new_run_folder(run_dir, args.overwrite)
-    check_buildable(args)
     ctx = setup(args)
     try:
         return train(args, ctx, run_dir, resuming)

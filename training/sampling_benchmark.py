@@ -192,6 +192,7 @@ def gaga_log_line(result: dict[str, Any], test_name: str) -> str:
 
 def append_gaga_log(run_dir: Path, t_star: int, line: str) -> Path:
     path = Path(run_dir) / f"EDM_GA-T={t_star}-Shortcut_log.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(line + "\n")
     return path
