@@ -102,10 +102,6 @@ def describe_run(args: Any) -> str:
     return ", ".join(parts)
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) of a state dict, with one-line errors naming the file."""
     if not os.path.isfile(path):
