@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from configs.atomic_io import unwritable_reason
+from configs.errors import UserInputError
+from configs.flags import compact_errors
 from gaga.cli import one_line_errors
 from gaga.step_estimation import PASS_COLUMNS, check_quantile, first_pass_histogram, load_results, step_estimates
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = compact_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     parser.add_argument("--data_root", required=True, help="folder written by Gaussianity_test.py (identity_to_gaussian_<test_name>)")
     parser.add_argument("--quantile", type=float, default=0.95, help="q of the quantile estimator, in (0, 1)")
     parser.add_argument("--out", default=None, help="JSON output (default <data_root>/gaga_step.json)")
@@ -51,6 +56,13 @@ def main(argv=None) -> int:
               + ("" if overall["t_star_quantile"] is not None else f" (more than {1 - args.quantile:.0%} of molecules never pass consistently)"))
     counts = first_pass_histogram(results)
     out = Path(args.out) if args.out else data_root / "gaga_step.json"
+    reason = unwritable_reason(out.parent)
+    if reason and args.out:
+        raise UserInputError(f"--out: {reason}; choose a writable place")
+    if reason:
+        print(f"note: {reason}; the estimates are printed only (pass --out to save them)", file=sys.stderr)
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data_root": str(data_root), "t_star": estimates, "first_pass_counts": counts}, indent=2) + "\n")
     print(f"saved {out}")
     if not args.no_plot:

@@ -10,8 +10,9 @@ v_t = alpha_t^2 dataset_var + sigma_t^2; ``--shortcut none`` runs EDM's full cha
 evaluates four settings in one table: full chain, Gaussian shortcut, DDIM with stride
 --ddim_stride, and DDIM + shortcut. Each iteration samples --n_samples molecules, times the
 sampling and evaluates EDM's metrics; the mean ± std over iterations is printed and written
-to <model_path>/GAGA_test_<test_name>.md/.json, and a line is appended to
-<model_path>/EDM_GA-T=<T*>-Shortcut_log.txt.
+to <out_dir>/GAGA_test_<test_name>.md/.json, and a line is appended to
+<out_dir>/EDM_GA-T=<T*>-Shortcut_log.txt (--out_dir defaults to --model_path; when that folder
+is read-only, e.g. a published run, the table is only printed).
 """
 from __future__ import annotations
 
@@ -22,13 +23,29 @@ from typing import Sequence
 
 import torch
 
+from configs.atomic_io import unwritable_reason
+from configs.errors import UserInputError, cli_errors
+from configs.flags import at_least, check_flags, check_plain_name, compact_errors, positive
 from equivariant_diffusion.samplers import sampler_names
 from training.args import str2bool
 from training import sampling_benchmark as bench
 
+MAX_SAMPLES = 1_000_000  # molecules per iteration; the samples are held in memory
+
+FLAG_RULES = {
+    "n_samples": at_least(1, high=MAX_SAMPLES),
+    "batch_size_gen": at_least(1, high=100_000),
+    "sampling_step_size": at_least(1),
+    "dataset_var": positive(optional=True),
+    "GA_timestep": at_least(1, optional=True),
+    "iteration": at_least(1, high=1000),
+    "ddim_stride": at_least(1),
+    "seed": at_least(0, high=2**32 - 1000),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = compact_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--model_path", type=str, required=True, help="run folder holding args.pickle and the weights")
     p.add_argument("--n_samples", type=int, default=10000, help="molecules per iteration")
     p.add_argument("--batch_size_gen", type=int, default=100, help="molecules per sampling batch")
@@ -48,8 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_ema", type=str2bool, default=True, help="sample with the EMA weights when the run has them")
     p.add_argument("--no_novelty", action="store_true", help="skip novelty (needs the training SMILES, cached after one run)")
     p.add_argument("--datadir", type=str, default=None, help="dataset cache folder, for novelty (default: the run's)")
+    p.add_argument("--out_dir", type=str, default=None,
+                   help="where the report and log go (default: --model_path; if that is read-only, the table is only printed)")
     p.add_argument("--no-cuda", dest="no_cuda", action="store_true")
     return p
+
+
+def check_flags_gaga_test(flags: argparse.Namespace) -> None:
+    """Every flag on its own, before the run folder is read."""
+    check_flags(flags, FLAG_RULES)
+    check_plain_name("--test_name", flags.test_name)
+    bench.check_sample_counts(flags.n_samples, flags.batch_size_gen, flags.iteration)
 
 
 def _defaults_from_run(flags: argparse.Namespace, args: argparse.Namespace) -> tuple[int | None, float]:
@@ -65,29 +91,42 @@ def _defaults_from_run(flags: argparse.Namespace, args: argparse.Namespace) -> t
     return t_star, float(dataset_var)
 
 
+def output_folder(flags: argparse.Namespace) -> Path | None:
+    """Where the report goes: --out_dir (must be writable), else the run folder if writable, else None (print only)."""
+    if flags.out_dir is not None:
+        reason = unwritable_reason(flags.out_dir)
+        if reason:
+            raise UserInputError(f"--out_dir: {reason}; choose a writable folder")
+        return Path(flags.out_dir)
+    reason = unwritable_reason(flags.model_path)
+    if reason:
+        print(f"note: {reason}; the results are printed only (pass --out_dir to save them)", file=sys.stderr)
+        return None
+    return Path(flags.model_path)
+
+
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    from training.evaluate import evaluate_molecules, load_run, training_smiles
+    from training.evaluate import evaluate_molecules, load_run, read_run_args, training_smiles
     from training.loop import sample_molecules
 
     flags = build_parser().parse_args(argv)
-    try:
-        bench.check_sample_counts(flags.n_samples, flags.batch_size_gen, flags.iteration)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    device = torch.device("cuda" if torch.cuda.is_available() and not flags.no_cuda else "cpu")
-    run = load_run(flags.model_path, device, use_ema=flags.use_ema, datadir=flags.datadir)
-    args, T = run.args, int(run.args.diffusion_steps)
-    try:
-        t_star, dataset_var = _defaults_from_run(flags, args)
-        if flags.compare:
-            if t_star is None:
-                raise ValueError("--compare needs --GA_timestep (T*), or a run trained with --max_t")
-            settings = bench.comparison_settings(T, t_star, flags.ddim_stride, dataset_var)
-        else:
-            settings = [bench.single_setting(flags.shortcut, t_star, flags.sampling_step_size, flags.sampler, dataset_var, T)]
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    check_flags_gaga_test(flags)
+    args = read_run_args(flags.model_path, datadir=flags.datadir)  # args.pickle only: nothing built yet
+    T = int(args.diffusion_steps)
+    t_star, dataset_var = _defaults_from_run(flags, args)
+    if not dataset_var > 0:
+        raise UserInputError(f"--dataset_var must be a finite positive number, got {dataset_var}")
+    if flags.compare:
+        if t_star is None:
+            raise UserInputError("--compare needs --GA_timestep (T*), or a run trained with --max_t")
+        settings = bench.comparison_settings(T, t_star, flags.ddim_stride, dataset_var)
+    else:
+        settings = [bench.single_setting(flags.shortcut, t_star, flags.sampling_step_size, flags.sampler, dataset_var, T)]
+    out_dir = output_folder(flags)
 
+    device = torch.device("cuda" if torch.cuda.is_available() and not flags.no_cuda else "cpu")
+    run = load_run(flags.model_path, device, use_ema=flags.use_ema, args=args)
     smiles = None if flags.no_novelty else training_smiles(args, run.dataset_info)
 
     def sample_fn(n: int, options: dict) -> dict:
@@ -105,20 +144,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         print(f"[GAGA_test] {setting.label}: {setting.n_steps(T)} steps, {flags.n_samples} molecules x {flags.iteration}",
               file=sys.stderr)
         on_iteration = None
-        if flags.save_to_xyz and setting is settings[0]:
-            on_iteration = _xyz_writer(run_dir / f"GAGA_test_{flags.test_name}_xyz", run.dataset_info)
+        if flags.save_to_xyz and setting is settings[0] and out_dir is not None:
+            on_iteration = _xyz_writer(out_dir / f"GAGA_test_{flags.test_name}_xyz", run.dataset_info)
         result = bench.run_setting(setting, sample_fn, evaluate_fn, flags.n_samples, flags.iteration, T, device,
                                    seed=flags.seed, on_iteration=on_iteration)
         results.append(result)
-        bench.append_gaga_log(run_dir, setting.start_step or T, bench.gaga_log_line(result, flags.test_name))
+        if out_dir is not None:
+            bench.append_gaga_log(out_dir, setting.start_step or T, bench.gaga_log_line(result, flags.test_name))
 
     baseline = 0 if flags.compare else None
     table = bench.markdown_table(results, baseline_index=baseline)
     print(table)
     meta = {"model_path": str(run_dir), "weights": str(run.weights), "test_name": flags.test_name,
             "dataset_var": dataset_var, "GA_timestep": t_star, "T": T}
-    md, js = bench.save_report(results, run_dir / f"GAGA_test_{flags.test_name}", baseline, meta)
-    print(f"saved {md} and {js}", file=sys.stderr)
+    if out_dir is not None:
+        md, js = bench.save_report(results, out_dir / f"GAGA_test_{flags.test_name}", baseline, meta)
+        print(f"saved {md} and {js}", file=sys.stderr)
     return results
 
 

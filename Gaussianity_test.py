@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 
 from configs.datasets_config import published_dataset_var
-from gaga.cli import add_source_flags, one_line_errors, resolve_data_spec, resolve_gamma, source_record
+from configs.flags import Rule, at_least, compact_errors, positive
+from gaga.cli import (
+    add_source_flags, check_output_folder, check_source_flags, one_line_errors, resolve_data_spec, resolve_gamma, source_record,
+)
 from gaga.data import dataset_kind, load_features
 from gaga.gaussianity import DEFAULT_TIMESTEPS, TEST_MODALITIES, GaussianityConfig, test_channels
 from gaga.gaussianity_run import run_gaussianity_test
@@ -27,11 +30,22 @@ from gaga.schedule import check_timesteps, parse_timesteps
 from gaga.step_estimation import check_quantile, load_results, per_timestep_summary, step_estimates
 from gaga.variance import modality_mean_squares
 
+FLAG_RULES = {
+    "workers": at_least(1, high=256),
+    "chunk_size": at_least(1, high=1_000_000),
+    "dataset_var": positive(optional=True),
+    "alpha": Rule(float, 0, 1, low_open=True, high_open=True),
+    "mi_threshold": positive(),
+    "mi_neighbors": at_least(1, high=1000),
+    "mi_pairs": at_least(1, high=1_000_000),
+    "quantile": Rule(float, 0, 1, low_open=True, high_open=True),
+}
 VARIANCE_MODES = {"scalar": "scalar", "per-modality": "per-modality", "per_modality": "per-modality", "measured": "per-modality"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = compact_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     add_source_flags(parser)
     parser.add_argument("--test_name", default="QM9")
     parser.add_argument("--out_dir", default=None, help="default identity_to_gaussian_<test_name>")
@@ -61,17 +75,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
+    check_source_flags(args, FLAG_RULES)
     check_quantile(args.quantile)
     gamma = resolve_gamma(args)
     grid = check_timesteps(parse_timesteps(args.timesteps), len(gamma) - 1)
     spec = resolve_data_spec(args)
+    out_dir = Path(args.out_dir or f"identity_to_gaussian_{args.test_name}")
+    check_output_folder(str(out_dir))
+    mode = VARIANCE_MODES[args.variance_mode]
+    dataset_var = published_dataset_var(dataset_kind(spec.dataset)) if args.dataset_var is None else args.dataset_var
     features = load_features(spec, split=args.split, progress=not args.no_progress)
 
-    mode = VARIANCE_MODES[args.variance_mode]
     if mode == "scalar":
-        dataset_var = published_dataset_var(dataset_kind(spec.dataset)) if args.dataset_var is None else args.dataset_var
-        if not dataset_var > 0:
-            raise ValueError(f"--dataset_var must be positive, got {dataset_var}")
         variances = {m: float(dataset_var) for m in TEST_MODALITIES}
     else:
         # Measured over the whole split (GEOM: streamed in bounded pieces), not only the tested sample.
@@ -80,7 +95,6 @@ def main(argv=None) -> int:
         timesteps=tuple(grid), alpha=args.alpha, mi_threshold=args.mi_threshold, mi_neighbors=args.mi_neighbors,
         mi_pairs=args.mi_pairs, seed=args.seed, variances=variances,
     )
-    out_dir = Path(args.out_dir or f"identity_to_gaussian_{args.test_name}")
     extra = {"variance_mode": mode, "source": source_record(args, spec)}
     run = run_gaussianity_test(
         features, gamma, config, out_dir, n_molecules=args.n_molecules, workers=args.workers,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from gaga.cli import add_source_flags, one_line_errors, resolve_data_spec, source_record
+from configs.flags import compact_errors
+from gaga.cli import add_source_flags, check_output_folder, check_source_flags, one_line_errors, resolve_data_spec, source_record
 from gaga.data import load_features, random_subset_rows
 from gaga.variance import dataset_statistics, per_molecule_table, statistics_by_atom_count
 
@@ -27,7 +28,8 @@ LABELS = {"rms": "mean RMS (README)", "mean_square": "variance (mean sq.)", "unb
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = compact_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     add_source_flags(parser, schedule=False)
     parser.add_argument("--test_name", default="QM9", help="name of this analysis (output folder)")
     parser.add_argument("--out_dir", default=None, help="default outputs/variance_<test_name>")
@@ -49,11 +51,13 @@ def format_table(stats: dict[str, dict[str, float]]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
+    check_source_flags(args)
     spec = resolve_data_spec(args)
+    out_dir = Path(args.out_dir or f"outputs/variance_{args.test_name}")
+    check_output_folder(str(out_dir))
     features = load_features(spec, split=args.split, progress=not args.no_progress)
     if args.n_molecules is not None:
         features = features.subset(random_subset_rows(features.num_atoms, args.n_molecules, args.seed))
-    out_dir = Path(args.out_dir or f"outputs/variance_{args.test_name}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     columns = per_molecule_table(features)

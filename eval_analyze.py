@@ -6,7 +6,8 @@
 Sampling follows the run (a GAGA run with --max_t T* starts from the Gaussian approximation
 at T* with the run's --dataset_var); --start_step, --dataset_var, --sampling_step_size and
 --sampler override it. Prints the metrics and writes them as JSON (default
-<model_path>/eval_metrics.json). Works with EDM's and the GAGA fork's run folders.
+<model_path>/eval_metrics.json; when the run folder is read-only the metrics are only printed).
+Works with EDM's and the GAGA fork's run folders.
 """
 from __future__ import annotations
 
@@ -19,13 +20,28 @@ from typing import Sequence
 
 import torch
 
+from configs.atomic_io import unwritable_reason
+from configs.errors import UserInputError, cli_errors
+from configs.flags import at_least, check_flags, compact_errors, positive
 from equivariant_diffusion.samplers import sampler_names
 from training.args import optional_int, str2bool
-from training.loop import sample_molecules, sampling_options, test
+from training.loop import sample_molecules, test
+
+MAX_SAMPLES = 1_000_000  # sampled molecules are held in memory until the metrics are computed
+
+FLAG_RULES = {
+    "n_samples": at_least(1, high=MAX_SAMPLES),
+    "batch_size_gen": at_least(1, high=100_000),
+    "seed": at_least(0, high=2**32 - 1),
+    "start_step": at_least(1, optional=True),
+    "dataset_var": positive(optional=True),
+    "sampling_step_size": at_least(1, optional=True),
+    "data_subset": at_least(1, optional=True),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = compact_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--model_path", type=str, default="outputs/edm_1", help="run folder holding args.pickle and the weights")
     p.add_argument("--n_samples", type=int, default=100, help="molecules to sample")
     p.add_argument("--batch_size_gen", type=int, default=100, help="molecules per sampling batch")
@@ -47,22 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> dict:
-    from training.evaluate import evaluate_molecules, load_run, training_smiles
+    from training.evaluate import evaluate_molecules, load_run, read_run_args, run_sampling_options, training_smiles
 
     eval_args = build_parser().parse_args(argv)
-    if eval_args.n_samples < 1 or eval_args.batch_size_gen < 1:
-        raise SystemExit("--n_samples and --batch_size_gen must be >= 1")
+    check_flags(eval_args, FLAG_RULES)
+    args = read_run_args(eval_args.model_path, datadir=eval_args.datadir)  # args.pickle only: nothing built yet
+    options = run_sampling_options(args, eval_args)
+    out_dir = Path(eval_args.model_path)
+    path = Path(eval_args.metrics_json) if eval_args.metrics_json else out_dir / "eval_metrics.json"
+    reason = unwritable_reason(path.parent)
+    if reason and eval_args.metrics_json:
+        raise UserInputError(f"--metrics_json: {reason}; choose a writable place")
+    if reason or ((eval_args.save_to_xyz or eval_args.save_to_sdf) and unwritable_reason(out_dir)):
+        print(f"note: {reason or unwritable_reason(out_dir)}; results are printed only "
+              "(pass --metrics_json elsewhere to save the metrics)", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() and not eval_args.no_cuda else "cpu")
     torch.manual_seed(eval_args.seed)
-    run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema, datadir=eval_args.datadir)
-    args = run.args
-    options = sampling_options(args)
-    if hasattr(eval_args, "start_step"):  # given on the command line: sample from there
-        options["start_step"] = eval_args.start_step
-    for key, option in (("dataset_var", "dataset_var"), ("sampling_step_size", "step_size"), ("sampler", "sampler")):
-        if getattr(eval_args, key) is not None:
-            options[option] = getattr(eval_args, key)
+    run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema, args=args)
     print(f"Sampling {eval_args.n_samples} molecules from {run.weights} with {options}")
 
     start = time.time()
@@ -74,8 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metrics = evaluate_molecules(molecules, run.dataset_info, smiles)
     seconds_metrics = time.time() - start
 
-    out_dir = Path(eval_args.model_path)
-    if eval_args.save_to_xyz or eval_args.save_to_sdf:
+    if (eval_args.save_to_xyz or eval_args.save_to_sdf) and not unwritable_reason(out_dir):
         from qm9 import visualizer
 
         folder = out_dir / "analyzed_molecules"
@@ -103,10 +121,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
-    path = Path(eval_args.metrics_json) if eval_args.metrics_json else out_dir / "eval_metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"Metrics written to {path}")
+    if not reason:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"Metrics written to {path}")
     return record
 
 

@@ -15,13 +15,26 @@ from typing import Sequence
 
 import torch
 
+from configs.errors import UserInputError, cli_errors
+from configs.flags import at_least, check_flags, compact_errors, positive
 from equivariant_diffusion.samplers import sampler_names
 from training.args import optional_int, str2bool
-from training.loop import sampling_options
+
+FLAG_RULES = {
+    "n_samples": at_least(0, high=10_000),
+    "n_chains": at_least(0, high=1000),
+    "n_tries": at_least(1, high=10_000),
+    "n_nodes": at_least(1),
+    "keep_frames": at_least(1, high=100_000),
+    "seed": at_least(0, high=2**32 - 1),
+    "start_step": at_least(1, optional=True),
+    "dataset_var": positive(optional=True),
+    "sampling_step_size": at_least(1, optional=True),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = compact_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--model_path", type=str, default="outputs/edm_1", help="run folder holding args.pickle and the weights")
     p.add_argument("--n_samples", type=int, default=10, help="molecules to draw as pictures")
     p.add_argument("--n_chains", type=int, default=1, help="denoising chains to draw")
@@ -39,27 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> dict[str, list[Path]]:
+    from configs.atomic_io import unwritable_reason
+    from configs.datasets_config import get_dataset_info
     from qm9 import visualizer
     from qm9.sampling import sample, sample_chain
-    from training.evaluate import load_run
+    from training.evaluate import load_run, read_run_args, run_sampling_options
 
     eval_args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not eval_args.no_cuda else "cpu")
-    torch.manual_seed(eval_args.seed)
-    run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema)
-    args, info = run.args, run.dataset_info
-    options = sampling_options(args)
-    if hasattr(eval_args, "start_step"):
-        options["start_step"] = eval_args.start_step
-    for key, option in (("dataset_var", "dataset_var"), ("sampling_step_size", "step_size"), ("sampler", "sampler")):
-        if getattr(eval_args, key) is not None:
-            options[option] = getattr(eval_args, key)
+    check_flags(eval_args, FLAG_RULES)
+    args = read_run_args(eval_args.model_path)  # args.pickle only: nothing built yet
+    options = run_sampling_options(args, eval_args)
+    info = get_dataset_info(args.dataset, args.remove_h)
     n_steps = (options["start_step"] or int(args.diffusion_steps)) // options["step_size"]
     keep_frames = max(1, min(eval_args.keep_frames, n_steps))
     if not 1 <= eval_args.n_nodes <= info["max_n_nodes"]:
-        raise SystemExit(f"--n_nodes must be between 1 and {info['max_n_nodes']}")
+        raise UserInputError(f"--n_nodes must be between 1 and {info['max_n_nodes']}, got {eval_args.n_nodes}")
     out = Path(eval_args.model_path) / "eval"
+    reason = unwritable_reason(out)
+    if reason:
+        raise UserInputError(f"{reason}: eval_sample.py writes its pictures there; copy the run folder somewhere writable")
+    device = torch.device("cuda" if torch.cuda.is_available() and not eval_args.no_cuda else "cpu")
+    torch.manual_seed(eval_args.seed)
+    run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema, args=args)
     written: dict[str, list[Path]] = {}
 
     if eval_args.n_samples > 0:

@@ -3,7 +3,13 @@
 Same flags as main_qm9.py with main_geom_drugs.py's defaults (dataset geom, nf 192, lr 5e-4,
 ...), plus --filter_molecule_size, --sequential and --data_file. See training/args.py.
 """
-from training.run import main
+import functools
+
+from configs.errors import cli_errors
+from training.run import main as train_main
+
+# One-line errors (status 2 for bad flags or run folders, 1 for a full/read-only disk) instead of tracebacks.
+main = cli_errors(functools.partial(train_main, script="geom"))
 
 if __name__ == "__main__":
-    main(script="geom")
+    main()

@@ -6,7 +6,13 @@
 
 See training/args.py for every flag.
 """
-from training.run import main
+import functools
+
+from configs.errors import cli_errors
+from training.run import main as train_main
+
+# One-line errors (status 2 for bad flags or run folders, 1 for a full/read-only disk) instead of tracebacks.
+main = cli_errors(functools.partial(train_main, script="qm9"))
 
 if __name__ == "__main__":
-    main(script="qm9")
+    main()

@@ -27,10 +27,32 @@ import GAGA_step_estimation
 import GAGA_test
 import Gaussianity_test
 import Variance_Estimate
+from configs.errors import RunFolderError, TrainingStopped, UserInputError, cli_errors
+from configs.flags import Rule, at_least, check_flags, check_plain_name, compact_errors, positive
+
+# Written into outputs/<exp_name> by the quick start: only a folder holding it is ever deleted.
+MARKER = ".quickstart_run"
+
+FLAG_RULES = {
+    "gaussianity_molecules": at_least(1),
+    "workers": at_least(1, high=256),
+    "train_molecules": at_least(0),
+    "n_epochs": at_least(1),
+    "batch_size": at_least(1, high=1_000_000),
+    "nf": at_least(1, high=4096),
+    "n_layers": at_least(1, high=64),
+    "lr": positive(),
+    "ema_decay": Rule(float, 0, 1, high_open=True),
+    "n_samples": at_least(1, high=1_000_000),
+    "iterations": at_least(1, high=1000),
+    "ddim_stride": at_least(1),
+    "seed": at_least(0, high=2**32 - 1000),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = compact_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     p.add_argument("--exp_name", default="quickstart", help="run folder outputs/<exp_name> (holds the report)")
     p.add_argument("--datadir", default="qm9/temp")
     p.add_argument("--gaussianity_molecules", type=int, default=400, help="training molecules in the Gaussianity test")
@@ -74,10 +96,10 @@ def _call(main: Callable[[list[str]], object], argv: list[str], step: str) -> ob
         code = main(argv)
     except SystemExit as e:
         if e.code not in (0, None):
-            raise SystemExit(f"quickstart stopped at step '{step}': {e.code}") from None
+            raise TrainingStopped(f"quickstart stopped at step '{step}' (its error is above)") from None
         code = 0
     if code not in (0, None):
-        raise SystemExit(f"quickstart stopped: step '{step}' failed (exit code {code})")
+        raise TrainingStopped(f"quickstart stopped: step '{step}' failed (exit code {code})")
     return code
 
 
@@ -85,14 +107,39 @@ def t_star_from(step_json: Path, stride: int) -> int:
     """T* from the mean estimator, at its nearest grid point, made a multiple of the DDIM stride."""
     estimates = json.loads(step_json.read_text())["t_star"]["pass"]
     if estimates["t_star_mean"] is None:
-        raise SystemExit(f"no molecule passed the Gaussianity tests consistently ({step_json}); extend --timesteps")
+        raise UserInputError(f"no molecule passed the Gaussianity tests consistently ({step_json}); extend --timesteps")
     t_star = int(estimates["t_star_mean_nearest_grid"])
     return max(stride, t_star - t_star % stride)
 
 
+def check_flags_quickstart(flags: argparse.Namespace) -> None:
+    check_flags(flags, FLAG_RULES)
+    check_plain_name("--exp_name", flags.exp_name)  # never "", "..", an absolute path or a/b: it names a folder we may delete
+    from gaga.schedule import check_timesteps, parse_timesteps
+
+    check_timesteps(parse_timesteps(flags.timesteps), 1000)
+
+
+def claim_run_folder(run_dir: Path) -> None:
+    """Empty ``run_dir`` for a fresh quick start: only a folder an earlier quick start created (it holds
+    MARKER) is deleted; any other existing folder, e.g. a real training run, is refused."""
+    if run_dir.exists():
+        if not (run_dir / MARKER).is_file():
+            raise RunFolderError(
+                f"{run_dir} exists and was not made by quickstart.py; it is left untouched: choose another --exp_name"
+            )
+        shutil.rmtree(run_dir)  # a fresh run each time: the quick start never resumes an old one
+    run_dir.mkdir(parents=True)
+    (run_dir / MARKER).write_text("made by quickstart.py; deleted and rebuilt by its next run with the same --exp_name\n")
+
+
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> Path:
     flags = build_parser().parse_args(argv)
+    check_flags_quickstart(flags)
     run_dir = Path("outputs") / flags.exp_name
+    if run_dir.exists() and not (run_dir / MARKER).is_file():
+        claim_run_folder(run_dir)  # refuses now, before minutes of work
     gaga_dir = Path("outputs") / f"{flags.exp_name}_gaga"
     stages = Stages()
     total_start = time.perf_counter()
@@ -137,8 +184,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         train_argv.append("--no-cuda")
     from training.run import main as train_main
 
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run each time: the quick start never resumes an old one
+    claim_run_folder(run_dir)
     summary = stages.run("training", "python main_qm9.py " + " ".join(train_argv), lambda: train_main(train_argv))
 
     test_argv = ["--model_path", str(run_dir), "--compare", "--GA_timestep", str(t_star), "--dataset_var", str(dataset_var),

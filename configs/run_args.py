@@ -11,12 +11,16 @@ import argparse
 import io
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
 from configs.atomic_io import atomic_write_bytes
+from configs.errors import RunFolderError
 
 ARGS_FILE = "args.pickle"
+# A run's arguments take a few kB; anything far larger is not an args.pickle (and is not read).
+MAX_ARGS_BYTES = 1 << 20
 
 _ALLOWED_GLOBALS = {
     ("argparse", "Namespace"),
@@ -29,7 +33,6 @@ _ALLOWED_GLOBALS = {
     ("builtins", "float"),
     ("builtins", "complex"),
     ("builtins", "str"),
-    ("builtins", "bytes"),
     ("builtins", "bool"),
     ("builtins", "NoneType"),
     ("builtins", "slice"),
@@ -38,7 +41,7 @@ _ALLOWED_GLOBALS = {
 
 
 class UnsafePickleError(pickle.UnpicklingError):
-    pass
+    """A pickle asks for a global outside the allow-list."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -53,16 +56,16 @@ def loads_args(data: bytes, source: str = "args.pickle") -> argparse.Namespace:
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data)).load()
     except UnsafePickleError as e:
-        raise ValueError(
+        raise RunFolderError(
             f"{source} asks to load {e}, which a run's arguments never need; refusing to unpickle it "
             "(only argparse.Namespace and plain built-in types are allowed)"
         ) from None
     except Exception as e:  # noqa: BLE001 - truncated/corrupt pickles raise many types
-        raise ValueError(f"{source} is not a readable args pickle ({type(e).__name__}: {e})") from None
+        raise RunFolderError(f"{source} is not a readable args pickle ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict):
         obj = argparse.Namespace(**obj)
     if not isinstance(obj, argparse.Namespace):
-        raise ValueError(f"{source} holds a {type(obj).__name__}, expected an argparse.Namespace")
+        raise RunFolderError(f"{source} holds a {type(obj).__name__}, expected an argparse.Namespace")
     return obj
 
 
@@ -70,11 +73,22 @@ def load_run_args(run_dir: str | os.PathLike) -> argparse.Namespace:
     """The ``args.pickle`` of a run folder, with a one-line error when it is missing or unsafe."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist; pass the folder holding args.pickle (e.g. outputs/<exp_name>)")
+        raise RunFolderError(f"run folder {run_dir} does not exist; pass the folder holding args.pickle (e.g. outputs/<exp_name>)")
     path = run_dir / ARGS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run folder (it needs args.pickle and the weights)")
+        raise RunFolderError(f"{path} is missing: {run_dir} is not a training run folder (it needs args.pickle and the weights)")
+    size = path.stat().st_size
+    if size > MAX_ARGS_BYTES:
+        raise RunFolderError(f"{path} is {size:,} bytes, far more than a run's arguments take; refusing to read it")
     return loads_args(path.read_bytes(), source=str(path))
+
+
+def run_folder_of(args: argparse.Namespace) -> str:
+    """The folder a training run writes to: --resume's, else <output_root>/<exp_name>."""
+    resume = getattr(args, "resume", None)
+    if resume:
+        return str(resume)
+    return str(Path(getattr(args, "output_root", "outputs") or "outputs") / str(getattr(args, "exp_name", "")))
 
 
 def save_run_args(run_dir: str | os.PathLike, args: argparse.Namespace, filename: str = ARGS_FILE) -> Path:
@@ -101,3 +115,20 @@ def resolved_max_t(args: argparse.Namespace) -> int:
     T = int(getattr(args, "diffusion_steps", 1000))
     max_t = getattr(args, "max_t", None)
     return T if max_t is None else int(max_t)
+
+
+def safe_datadir(run_datadir: object, user_datadir: str | None, dataset: str) -> str:
+    """Where caches of an evaluated run are read and written: the user's --datadir when given; else
+    the run's own datadir only if it is a relative path inside the working folder (an untrusted
+    args.pickle must not choose where files are written), else the dataset's default folder."""
+    if user_datadir is not None:
+        return str(user_datadir)
+    default = "data/geom" if str(dataset).lower().startswith(("geom", "drugs")) else "qm9/temp"
+    text = str(run_datadir or "")
+    candidate = Path(text)
+    if text and not candidate.is_absolute() and ".." not in candidate.parts and not text.startswith("~"):
+        return text
+    if text:
+        print(f"note: the run's datadir {text!r} is outside the working folder; using {default} (pass --datadir to choose)",
+              file=sys.stderr)
+    return default

@@ -4,12 +4,13 @@ come from (a run folder or flags), and one-line errors for user mistakes.
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
 from typing import Callable
 
 import numpy as np
 
+from configs.atomic_io import unwritable_reason
+from configs.errors import UserInputError, cli_errors
+from configs.flags import Rule, at_least, check_flags, check_plain_name, str2bool
 from gaga.data import (
     GEOM_ONLY_FIELDS,
     QM9_DATADIR,
@@ -17,16 +18,50 @@ from gaga.data import (
     data_spec_from_run,
     dataset_kind,
     geom_data_location,
-    parse_bool,
     parse_normalize_factors,
 )
 
 
-def _bool_flag(value: str) -> bool:
-    try:
-        return parse_bool(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+_bool_flag = str2bool
+
+# The source and schedule flags every GAGA script shares (checked before any data is read).
+SOURCE_RULES = {
+    "filter_n_atoms": at_least(1, optional=True),
+    "conformations": at_least(1, optional=True, high=100_000),
+    "filter_molecule_size": at_least(1, optional=True),
+    "diffusion_steps": at_least(1, high=100_000),
+    "diffusion_noise_precision": Rule(float, 0, 1, low_open=True, high_open=True),
+    "n_molecules": at_least(1, optional=True),
+    "seed": at_least(0, high=2**32 - 1),
+}
+
+
+def check_source_flags(args: argparse.Namespace, rules: dict | None = None) -> None:
+    """Range checks of the shared flags (and ``rules``), the dataset name, the normalisation and
+    the output folder's name: one-line UserInputError before anything is loaded."""
+    check_flags(args, {**SOURCE_RULES, **(rules or {})})
+    if getattr(args, "test_name", None) is not None:
+        check_plain_name("--test_name", args.test_name)
+    if not getattr(args, "model_path", None):
+        try:
+            dataset_kind(args.dataset)
+        except ValueError as e:
+            raise UserInputError(f"--dataset: {e}") from None
+        parse_normalize_factors(args.normalize_factors)
+        if hasattr(args, "diffusion_noise_schedule"):
+            try:
+                from gaga.schedule import gamma_table_from_flags
+
+                gamma_table_from_flags(args.diffusion_noise_schedule, 4, args.diffusion_noise_precision)
+            except ValueError as e:
+                raise UserInputError(f"--diffusion_noise_schedule: {e}") from None
+
+
+def check_output_folder(folder: str, flag: str = "--out_dir") -> None:
+    """The results folder must take files (checked before the data is loaded)."""
+    reason = unwritable_reason(folder)
+    if reason:
+        raise UserInputError(f"{flag}: {reason}; choose a writable folder")
 
 
 def add_source_flags(parser: argparse.ArgumentParser, schedule: bool = True) -> None:
@@ -100,14 +135,6 @@ def source_record(args: argparse.Namespace, spec: DataSpec) -> dict:
 
 
 def one_line_errors(main: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Turn user mistakes (bad values, missing files) into 'error: ...' and exit status 2."""
-
-    @functools.wraps(main)
-    def wrapper(*a, **kw):
-        try:
-            return main(*a, **kw)
-        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return wrapper
+    """Turn user mistakes (bad values, missing files, unwritable folders) into 'error: ...' on stderr
+    and exit status 2 (1 for the environment): the shared ``configs.errors.cli_errors``."""
+    return cli_errors(main)

@@ -22,46 +22,17 @@ conformers of up to 181 atoms) is never densified whole: ``load_features`` retur
 from __future__ import annotations
 
 import argparse
-import ast
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import numpy as np
 
-from configs.run_args import load_run_args
+from configs.flags import parse_bool, parse_normalize_factors  # noqa: F401 - re-exported: gaga's names for the shared parsers
+from configs.run_args import load_run_args, safe_datadir
 
 POSITION_CHANNELS = 3
 MODALITIES = ("positions", "atom_types", "charges")
 QM9_DATADIR = "qm9/temp"
-
-
-def parse_normalize_factors(value: object) -> tuple[float, float, float]:
-    """normalize_factors from a list or a string such as "[1,4,10]" (parsed safely, never eval)."""
-    parsed = value
-    if isinstance(value, str):
-        try:
-            parsed = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            raise ValueError(f"normalize_factors {value!r} is not a list of three numbers such as [1,4,10]") from None
-    try:
-        factors = tuple(float(f) for f in parsed)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise ValueError(f"normalize_factors {value!r} is not a list of three numbers such as [1,4,10]") from None
-    if len(factors) != 3 or not all(np.isfinite(f) and f > 0 for f in factors):
-        raise ValueError(f"normalize_factors {value!r} must be three positive numbers (positions, one-hot, charges), e.g. [1,4,10]")
-    return factors  # type: ignore[return-value]
-
-
-def parse_bool(value: object) -> bool:
-    """EDM stores booleans as bools or as the strings 'True'/'False'."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "y"):
-        return True
-    if text in ("0", "false", "no", "n"):
-        return False
-    raise ValueError(f"expected a boolean (True/False), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -111,11 +82,12 @@ def data_spec_from_run_args(args: argparse.Namespace, datadir: str | None = None
     filter_n_atoms = getattr(args, "filter_n_atoms", None)
     dataset = str(getattr(args, "dataset", "qm9"))
     remove_h = parse_bool(getattr(args, "remove_h", False))
-    run_datadir = datadir if datadir is not None else getattr(args, "datadir", QM9_DATADIR)
+    # An untrusted args.pickle does not choose where caches are written (configs.run_args.safe_datadir).
+    run_datadir = safe_datadir(getattr(args, "datadir", QM9_DATADIR), datadir, dataset)
     geom_fields: dict = {}
     if dataset_kind(dataset) == "geom":
         run_datadir, conformations = geom_data_location(
-            datadir if datadir is not None else getattr(args, "datadir", None),
+            run_datadir if (datadir is not None or getattr(args, "datadir", None)) else None,
             getattr(args, "data_file", None), _optional_int(getattr(args, "conformations", None)), remove_h,
         )
         geom_fields = dict(conformations=conformations,

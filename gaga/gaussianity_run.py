@@ -13,6 +13,7 @@ Only the molecules of the chunk being handed to a worker are materialised
 """
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -24,6 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
+from configs.errors import DataError, TrainingStopped
 from gaga.data import MoleculeFeatures, random_subset_rows
 from gaga.gaussianity import GaussianityConfig, evaluate_molecules
 from gaga.results_files import CONFIG_FILE, RESULTS_PATTERN, results_path
@@ -80,21 +82,56 @@ def append_rows(path: Path, columns: dict[str, np.ndarray]) -> None:
         os.fsync(f.fileno())
 
 
+def _read_complete_lines(path: Path) -> tuple[str, list[str]]:
+    """(header, data lines) of a results CSV, without a cut last line and without malformed rows
+    (wrong field count or non-numeric fields, e.g. rows glued by an earlier interrupted write)."""
+    text = path.read_text(errors="replace")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # a write cut mid-line: drop the partial line
+    lines = text.splitlines()
+    if not lines:
+        return "", []
+    header, n_fields = lines[0], lines[0].count(",") + 1
+    good = []
+    for line in lines[1:]:
+        fields = line.split(",")
+        if len(fields) != n_fields:
+            continue
+        try:
+            [float(f) for f in fields]
+        except ValueError:
+            continue
+        good.append(line)
+    return header, good
+
+
 def _completed_chunks(out_dir: Path, chunks: list[Chunk], n_t: int) -> set[tuple[int, int]]:
-    """Chunks fully present in the existing CSVs; partly written chunks are removed from the files."""
+    """Chunks fully present in the existing CSVs. Rows of partly written chunks (and a cut or
+    malformed tail) are dropped from the files, which are rewritten atomically; a file without
+    one complete row is moved aside to ``<name>.partial``, never deleted."""
+    from configs.atomic_io import atomic_write_bytes
+
     expected = {(c.n_atoms, c.number): c.rows.size * n_t for c in chunks}
     done: set[tuple[int, int]] = set()
     for path in sorted(Path(out_dir).glob(RESULTS_PATTERN)):
-        try:
-            table = pd.read_csv(path)
-        except (pd.errors.EmptyDataError, pd.errors.ParserError):
-            path.unlink()  # a file cut before its first complete chunk
+        header, lines = _read_complete_lines(path)
+        columns = header.split(",")
+        if not lines or "n_atoms" not in columns or "chunk" not in columns:
+            aside = path.with_name(path.name + ".partial")
+            os.replace(path, aside)
+            print(f"note: {path} holds no complete row; moved to {aside}", file=sys.stderr)
             continue
+        table = pd.read_csv(io.StringIO(header + "\n" + "\n".join(lines) + "\n"))
         sizes = table.groupby(["n_atoms", "chunk"]).size()
         complete = {key for key, size in sizes.items() if expected.get(tuple(int(k) for k in key)) == size}
-        keep = pd.MultiIndex.from_arrays([table["n_atoms"], table["chunk"]]).isin(list(complete))
-        if not keep.all():
-            table[keep].to_csv(path, index=False, float_format="%.6g")
+        keep = np.asarray(pd.MultiIndex.from_arrays([table["n_atoms"], table["chunk"]]).isin(list(complete)), dtype=bool)
+        original = path.read_bytes()
+        kept = (header + "\n" + "".join(line + "\n" for line, k in zip(lines, keep) if k)).encode()
+        if kept != original:
+            dropped = int((~keep).sum())
+            print(f"note: {path}: kept {int(keep.sum())} rows of complete chunks, dropped {dropped} row(s) of unfinished ones"
+                  + (" and a cut or malformed tail" if len(original) > len(kept) and not dropped else ""), file=sys.stderr)
+            atomic_write_bytes(path, kept)
         done |= {(int(a), int(c)) for a, c in complete}
     return done
 
@@ -104,7 +141,10 @@ def prepare_out_dir(out_dir: Path, config_record: dict, resume: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / CONFIG_FILE
     if resume and config_path.exists():
-        previous = json.loads(config_path.read_text())
+        try:
+            previous = json.loads(config_path.read_text())
+        except (ValueError, OSError) as e:
+            raise DataError(f"{config_path} is unreadable ({type(e).__name__}: {e}); rerun without --resume to start over") from None
         if previous != config_record:
             changed = sorted(k for k in set(previous) | set(config_record) if previous.get(k) != config_record.get(k))
             raise ValueError(f"--resume: the settings differ from the interrupted run in {out_dir} ({', '.join(changed)}); rerun without --resume")
@@ -186,7 +226,7 @@ def run_gaussianity_test(
         if pool is not None:
             pool.terminate()
         bar.close()
-        raise SystemExit(
+        raise TrainingStopped(
             f"interrupted: {written + len(rows) - n_todo} of {len(rows)} molecules are saved in {out_dir}; "
             "rerun the same command with --resume to finish"
         ) from None

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from configs.errors import DataError
 from gaga.results_files import RESULTS_PATTERN
 
 # Pass-flag columns a results table may hold, and how the report names them.
@@ -44,13 +45,33 @@ def load_results(data_root: str | Path) -> pd.DataFrame:
             table = pd.read_csv(path)
         except pd.errors.EmptyDataError:
             continue
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise DataError(f"{path} is not a readable CSV ({' '.join(str(e).split())}); "
+                            "rerun Gaussianity_test.py --resume to repair it") from None
         if not {"index", "t", "pass"} <= set(table.columns):
-            raise ValueError(f"{path} is not a Gaussianity results file (it lacks the index, t and pass columns)")
-        tables.append(table)
+            raise DataError(f"{path} is not a Gaussianity results file (it lacks the index, t and pass columns)")
+        tables.append(check_results_schema(table, path))
     tables = [t for t in tables if len(t)]
     if not tables:
         raise ValueError(f"{data_root} holds no results (no non-empty {RESULTS_PATTERN}); run Gaussianity_test.py --test_name ... first")
     return pd.concat(tables, ignore_index=True)
+
+
+def check_results_schema(table: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """Integer ids and timesteps, pass flags exactly 0 or 1: a hand-edited or damaged cell is a one-line
+    error naming the file, its line and column (never silently read as True)."""
+    out = table.copy()
+    for column in ["index", "t", *[c for c in PASS_COLUMNS if c in table.columns]]:
+        values = pd.to_numeric(table[column], errors="coerce")
+        flags = column in PASS_COLUMNS
+        bad = ~values.isin([0, 1]) if flags else ~(values.notna() & np.isfinite(values) & (values == values.round()))
+        if bad.any():
+            row = int(np.argmax(bad.to_numpy()))
+            expected = "0 or 1" if flags else "an integer"
+            raise DataError(f"{path}, line {row + 2}, column {column!r}: {table[column].iloc[row]!r} is not {expected}; "
+                            "the file was edited or damaged (rerun Gaussianity_test.py)")
+        out[column] = values.astype(np.int64)
+    return out
 
 
 def pass_table(results: pd.DataFrame, column: str = "pass") -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from configs.errors import DataError
+
 _TABLE_FILE = Path(__file__).resolve().parent.parent / "configs" / "bond_tables.json"
 
 
@@ -47,24 +49,32 @@ def _symmetrised(table: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _load_tables() -> dict[str, Any]:
+@functools.lru_cache(maxsize=1)
+def _tables() -> dict[str, Any]:
+    """EDM's bond tables, read on first use (nothing is read at import time)."""
     try:
         raw = json.loads(_TABLE_FILE.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"cannot read the bond tables {_TABLE_FILE} ({e}); restore it from git.") from None
-    return raw
+        return dict(
+            bonds1=_symmetrised(raw["single_bond_pm"]),
+            bonds2=_symmetrised(raw["double_bond_pm"]),
+            bonds3=_symmetrised(raw["triple_bond_pm"]),
+            margin1=int(raw["margins_pm"]["single"]),
+            margin2=int(raw["margins_pm"]["double"]),
+            margin3=int(raw["margins_pm"]["triple"]),
+            allowed_bonds=dict(raw["allowed_valence"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"cannot read the bond tables {_TABLE_FILE} ({type(e).__name__}: {e}); restore it from git") from None
 
 
-_RAW = _load_tables()
+# EDM's module-level names (bonds1/2/3 and margin1/2/3 in picometres, allowed_bonds), loaded lazily.
+_TABLE_NAMES = ("bonds1", "bonds2", "bonds3", "margin1", "margin2", "margin3", "allowed_bonds")
 
-# EDM's module-level names (picometres; margins in picometres).
-bonds1: dict[str, dict[str, int]] = _symmetrised(_RAW["single_bond_pm"])
-bonds2: dict[str, dict[str, int]] = _symmetrised(_RAW["double_bond_pm"])
-bonds3: dict[str, dict[str, int]] = _symmetrised(_RAW["triple_bond_pm"])
-margin1: int = int(_RAW["margins_pm"]["single"])
-margin2: int = int(_RAW["margins_pm"]["double"])
-margin3: int = int(_RAW["margins_pm"]["triple"])
-allowed_bonds: dict[str, int | list[int]] = dict(_RAW["allowed_valence"])
+
+def __getattr__(name: str) -> Any:
+    if name in _TABLE_NAMES:
+        return _tables()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Two atoms closer than this (Angstrom) sit on top of each other: both count as unstable
 # and the molecule as invalid.  Far below any bond length (H-H is 0.74 A), so it never
@@ -79,19 +89,19 @@ def get_bond_order(atom1: str, atom2: str, distance: float, check_exists: bool =
     EDM); with it such a pair has order 0.
     """
     d_pm = 100.0 * float(distance)
-    single = bonds1.get(atom1, {}).get(atom2)
+    single = _tables()["bonds1"].get(atom1, {}).get(atom2)
     if single is None:
         if check_exists:
             return 0
         raise KeyError(f"no single-bond length for {atom1}-{atom2}; pass check_exists=True to treat it as no bond")
     # Written as "d < threshold" so that a NaN distance is no bond.
-    if not d_pm < single + margin1:
+    if not d_pm < single + _tables()["margin1"]:
         return 0
-    double = bonds2.get(atom1, {}).get(atom2)
-    if double is None or not d_pm < double + margin2:
+    double = _tables()["bonds2"].get(atom1, {}).get(atom2)
+    if double is None or not d_pm < double + _tables()["margin2"]:
         return 1
-    triple = bonds3.get(atom1, {}).get(atom2)
-    if triple is not None and d_pm < triple + margin3:
+    triple = _tables()["bonds3"].get(atom1, {}).get(atom2)
+    if triple is not None and d_pm < triple + _tables()["margin3"]:
         return 3
     return 2
 
@@ -138,9 +148,10 @@ def _threshold_matrix(decoder: Sequence[str], lengths: dict[str, dict[str, int]]
 
 
 def _allowed_valence_table(decoder: Sequence[str]) -> np.ndarray:
-    missing = [a for a in decoder if a not in allowed_bonds]
+    missing = [a for a in decoder if a not in _tables()["allowed_bonds"]]
     if missing:
         raise ValueError(f"no allowed valence for atom types {missing} in {_TABLE_FILE}")
+    allowed_bonds = _tables()["allowed_bonds"]
     valences = [allowed_bonds[a] if isinstance(allowed_bonds[a], list) else [allowed_bonds[a]] for a in decoder]
     max_valence = max(max(v) for v in valences)
     table = np.zeros((len(decoder), max_valence + 2), dtype=bool)
@@ -157,7 +168,7 @@ def bond_tables(atom_decoder: tuple[str, ...], geom: bool) -> BondTables:
     for a missing pair); a decoder with a missing pair is rejected here, once.
     """
     decoder = tuple(atom_decoder)
-    single = _threshold_matrix(decoder, bonds1, margin1)
+    single = _threshold_matrix(decoder, _tables()["bonds1"], _tables()["margin1"])
     if not geom:
         missing = [f"{decoder[i]}-{decoder[j]}" for i, j in zip(*np.nonzero(np.isneginf(single))) if i <= j]
         if missing:
@@ -165,8 +176,8 @@ def bond_tables(atom_decoder: tuple[str, ...], geom: bool) -> BondTables:
     return BondTables(
         atom_decoder=decoder,
         single=single,
-        double=_threshold_matrix(decoder, bonds2, margin2),
-        triple=_threshold_matrix(decoder, bonds3, margin3),
+        double=_threshold_matrix(decoder, _tables()["bonds2"], _tables()["margin2"]),
+        triple=_threshold_matrix(decoder, _tables()["bonds3"], _tables()["margin3"]),
         allowed=_allowed_valence_table(decoder),
         geom=geom,
     )

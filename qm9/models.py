@@ -14,14 +14,11 @@ from typing import Any
 
 import torch
 
+from configs.errors import CheckpointError, safe_load_reason
 from configs.run_args import infer_zero_center_h
 from egnn.registry import BackboneSpec, build_backbone
 from equivariant_diffusion.distributions import DistributionNodes
 from equivariant_diffusion.en_diffusion import EnVariationalDiffusion
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model built from the run's args."""
 
 
 def _with_overrides(args: Any, overrides: dict[str, Any]) -> Any:
@@ -93,10 +90,6 @@ def describe_run(args: Any) -> str:
     return ", ".join(parts)
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) of a state dict, with one-line errors naming the file."""
     if not os.path.isfile(path):
@@ -105,7 +98,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling/zip/format failure means the file is unusable
         raise CheckpointError(
-            f"cannot read checkpoint {os.fspath(path)} ({type(error).__name__}: {_one_line(error)[:200]})"
+            f"cannot read checkpoint {os.fspath(path)} ({type(error).__name__}: {safe_load_reason(error)})"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not hold a state dict of tensors")

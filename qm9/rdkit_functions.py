@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from rdkit import Chem, RDLogger
 
+from configs.atomic_io import atomic_write_bytes
 from qm9 import bond_analyze
 from qm9.bond_analyze import BatchBonds, BondTables, batch_bonds, check_atom_types, chunk_slices, tables_for
 
@@ -254,20 +255,14 @@ def default_training_smiles_path(datadir: str | os.PathLike, dataset_info: dict[
     return Path(datadir) / f"{dataset_info['name']}_{suffix}_train_smiles_v{TRAINING_SMILES_VERSION}.json"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is an ordinary data file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _smiles_digest(smiles: Sequence[str]) -> str:
+    """sha1 of the cached SMILES themselves, so an edited or damaged cache is recomputed."""
+    return hashlib.sha1("\n".join(smiles).encode()).hexdigest()
 
 
-def get_training_smiles(dataset_info: dict[str, Any], train_arrays: dict[str, Any], cache_path: str | os.PathLike) -> list[str]:
+def get_training_smiles(
+    dataset_info: dict[str, Any], train_arrays: dict[str, Any], cache_path: str | os.PathLike, progress: bool = True
+) -> list[str]:
     """The training set's SMILES, computed from its 3D structures once and cached.
 
     ``train_arrays``: 'positions' (M, N, 3), 'num_atoms' (M,) and one of 'one_hot',
@@ -282,10 +277,15 @@ def get_training_smiles(dataset_info: dict[str, Any], train_arrays: dict[str, An
     path = Path(cache_path)
     try:
         cached = json.loads(path.read_text())
-        if cached.get("version") == TRAINING_SMILES_VERSION and cached.get("fingerprint") == fingerprint:
+        if (cached.get("version") == TRAINING_SMILES_VERSION and cached.get("fingerprint") == fingerprint
+                and isinstance(cached.get("smiles"), list) and all(isinstance(x, str) for x in cached["smiles"])
+                and cached.get("smiles_sha1") == _smiles_digest(cached["smiles"])):
             return list(cached["smiles"])
-    except (OSError, ValueError, AttributeError, KeyError):
-        pass  # missing, unreadable or foreign file: recompute
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass  # missing, unreadable, edited or foreign file: recompute
+    if progress:
+        print(f"computing the SMILES of {len(num_atoms):,} training molecules for novelty "
+              f"(once; cached in {path})", file=sys.stderr, flush=True)
     smiles = compute_training_smiles(positions, types, num_atoms, dataset_info)
     record = {
         "version": TRAINING_SMILES_VERSION,
@@ -293,7 +293,12 @@ def get_training_smiles(dataset_info: dict[str, Any], train_arrays: dict[str, An
         "atom_decoder": list(dataset_info["atom_decoder"]),
         "n_molecules": int(len(num_atoms)),
         "fingerprint": fingerprint,
+        "smiles_sha1": _smiles_digest(smiles),
         "smiles": smiles,
     }
-    _write_atomically(path, json.dumps(record))
+    try:
+        atomic_write_bytes(path, json.dumps(record).encode())
+    except OSError as e:  # a read-only data folder: novelty still works, it is just not cached
+        print(f"note: cannot cache the training SMILES in {path} ({e.strerror}); they will be recomputed next time",
+              file=sys.stderr)
     return smiles

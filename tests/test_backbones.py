@@ -32,6 +32,15 @@ def readme_example() -> str:
 exec(compile(readme_example(), str(README), "exec"), {})  # noqa: S102 - our own README
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _forget_the_example_afterwards():
+    """The example is registered at collection; other test modules must see the real registry."""
+    yield
+    import egnn.registry
+
+    egnn.registry._BACKBONES.pop("atom_mlp", None)  # noqa: SLF001 - test cleanup
+
+
 def build(name: str, zero_center_h: bool = False):
     torch.manual_seed(0)
     args = ef.args_of("edm", model=name, nf=16, n_layers=2, zero_center_h=zero_center_h)

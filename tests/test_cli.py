@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 
+from configs.errors import RunFolderError, UserInputError
 from training.args import build_parser, default_args, fill_legacy_defaults, number_list, parse_args, str2bool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -112,28 +113,28 @@ def test_bad_flags_are_argparse_errors(argv, expected, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--diffusion_steps", "1000", "--max_t", "1001"], "--max_t must be between 1 and --diffusion_steps"),
-    (["--normalize_factors", "[1,4]"], "needs 3 numbers"),
+    (["--normalize_factors", "[1,4]"], "must be three finite positive numbers"),
     (["--conditioning", "alpha"], "not supported"),
-    (["--dataset_var", "0"], "--dataset_var must be positive"),
+    (["--dataset_var", "0"], "--dataset_var must be a finite number > 0"),
     (["--diffusion_steps", "1000", "--max_t", "550", "--sampling_step_size", "3"], "must divide the chain's start"),
 ])
 def test_inconsistent_flags_are_one_line_errors(argv, expected):
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserInputError) as exit_info:
         parse_args(argv)
-    message = str(exit_info.value.code)
+    message = str(exit_info.value)
     assert expected in message and "\n" not in message
 
 
 def test_resume_without_a_run_is_a_one_line_error(tmp_path):
     from training.run import main
 
-    with pytest.raises(SystemExit) as missing:
+    with pytest.raises(RunFolderError) as missing:
         main(["--resume", str(tmp_path / "no_run")])
-    assert "no such folder" in str(missing.value.code) and "\n" not in str(missing.value.code)
+    assert "no such folder" in str(missing.value) and "\n" not in str(missing.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as empty:
+    with pytest.raises(RunFolderError) as empty:
         main(["--resume", str(tmp_path / "empty")])
-    assert "no args.pickle" in str(empty.value.code) and "\n" not in str(empty.value.code)
+    assert "no args.pickle" in str(empty.value) and "\n" not in str(empty.value)
 
 
 def test_resume_refuses_to_change_the_model(tmp_path):
@@ -143,9 +144,9 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     run = tmp_path / "run"
     save_run_args(run, parse_args(["--nf", "16"]))
     (run / "generative_model.npy").write_bytes(b"")
-    with pytest.raises(SystemExit) as changed:
+    with pytest.raises(UserInputError) as changed:
         main(["--resume", str(run), "--nf", "32"])
-    assert "--nf cannot change when resuming" in str(changed.value.code)
+    assert "--nf cannot change when resuming" in str(changed.value)
 
 
 def test_legacy_args_pickles_get_edm_defaults_and_their_mode():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from configs.datasets_config import get_dataset_info
+from configs.errors import EnvironmentProblem
 from qm9.data import qm9 as qm9data
 from qm9.data.collate import make_batch
 from qm9.dataset import retrieve_dataloaders
@@ -164,7 +165,7 @@ def test_stale_or_corrupt_cache_is_rebuilt_with_a_message(qm9_datadir, tmp_path,
 
 def test_missing_qm9pack_names_the_install_command(monkeypatch):
     monkeypatch.setattr(qm9data.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(SystemExit, match="pip install"):
+    with pytest.raises(EnvironmentProblem, match="pip install"):
         qm9data.qm9pack_data_dir()
 
 

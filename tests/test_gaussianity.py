@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+from configs.errors import TrainingStopped
 from scipy import stats
 from sklearn.feature_selection import mutual_info_regression
 
@@ -143,7 +145,7 @@ def test_results_do_not_depend_on_the_number_of_workers_or_on_interruption(tmp_p
         if written >= 4:
             raise KeyboardInterrupt
 
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(TrainingStopped, match="--resume"):
         run_gaussianity_test(features, GAMMA, config, tmp_path / "cut", chunk_size=3, progress=False, on_chunk=interrupt_after_two_chunks)
     kept = load_results(tmp_path / "cut")
     assert kept["index"].nunique() >= 4, "finished chunks are on disk after an interruption"

@@ -21,6 +21,7 @@ from rdkit import Chem
 from rdkit.Chem import AllChem
 
 from configs.datasets_config import get_dataset_info
+from configs.errors import DataError
 from qm9.data import geom
 from qm9.data.collate import PaddedMoleculeDataset
 
@@ -259,10 +260,10 @@ def test_dataset_pickles_without_the_table(built):
 
 
 def test_missing_files_give_the_steps_to_obtain_geom(tmp_path):
-    with pytest.raises(SystemExit, match=r"drugs_crude\.msgpack\.tar\.gz.*Harvard Dataverse.*build_geom_dataset\.py --data_dir"):
+    with pytest.raises(DataError, match=r"drugs_crude\.msgpack\.tar\.gz.*Harvard Dataverse.*build_geom_dataset\.py --data_dir"):
         geom.build_geom_dataset(tmp_path / "nowhere", progress=False)
     args = argparse.Namespace(dataset="geom", datadir=str(tmp_path), remove_h=False, batch_size=2)
-    with pytest.raises(SystemExit, match=r"geom_drugs_30\.npy.*build_geom_dataset\.py --data_dir"):
+    with pytest.raises(DataError, match=r"geom_drugs_30\.npy.*build_geom_dataset\.py --data_dir"):
         geom.retrieve_geom_dataloaders(args)
     result = subprocess.run([sys.executable, str(REPO_ROOT / "build_geom_dataset.py"), "--data_dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
@@ -320,7 +321,7 @@ def test_retrieve_dataloaders_dispatches_geom_and_defaults_to_data_geom(built, t
     (built / geom.PERMUTATION_FILE).unlink()
     # The shared CLI's QM9 folder is never searched for GEOM files.
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"data/geom/geom_drugs_30\.npy"):
+    with pytest.raises(DataError, match=r"data/geom/geom_drugs_30\.npy"):
         retrieve_dataloaders(argparse.Namespace(dataset="geom", datadir="qm9/temp", remove_h=False))
 
 

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 
+from configs.errors import RunFolderError
 from configs.run_args import infer_zero_center_h, load_run_args, loads_args, resolved_max_t, save_run_args
 
 
@@ -32,9 +33,9 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 
 def test_corrupt_and_missing_files_are_one_line_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(RunFolderError, match="does not exist"):
         load_run_args(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="args.pickle is missing"):
+    with pytest.raises(RunFolderError, match="args.pickle is missing"):
         load_run_args(tmp_path)
     (tmp_path / "args.pickle").write_bytes(b"\x80\x04garbage")
     with pytest.raises(ValueError, match="not a readable args pickle"):

@@ -55,7 +55,7 @@ def test_curves_plot_both_runs(tmp_path):
 
 def test_candidate_parsing_rejects_unknown_flags():
     assert study.parse_candidate("nf=96,n_layers=6") == {"nf": "96", "n_layers": "6"}
-    with pytest.raises(SystemExit, match="key=value"):
+    with pytest.raises(ValueError, match="key=value"):
         study.parse_candidate("width=96")
 
 

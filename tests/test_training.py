@@ -112,11 +112,14 @@ def test_nan_guard_stops_after_patience_with_a_clear_message(monkeypatch, tmp_pa
     from training.run import main
 
     _patch_loss(monkeypatch, lambda nll, model: nll * float("nan"))
-    with pytest.raises(SystemExit) as stop:
+    from configs.errors import TrainingStopped
+
+    with pytest.raises(TrainingStopped) as stop:
         main(tiny_argv(tmp_path, qm9_datadir, "--nan_patience", "3"))
-    message = str(stop.value.code)
+    message = str(stop.value)
     assert "3 batches in a row gave a non-finite loss" in message and "epoch 1, iter 0" in message
     assert "\n" not in message
+    assert f"--resume {tmp_path / 'tiny'}" in message  # the run's real folder (--output_root), not outputs/
 
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])

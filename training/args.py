@@ -19,11 +19,13 @@ Flags beyond EDM's:
 from __future__ import annotations
 
 import argparse
-import ast
+import math
 import sys
 from typing import Any, Sequence
 
 from configs.datasets_config import published_dataset_var
+from configs.errors import UserInputError
+from configs.flags import compact_errors, number_list, parse_number_list, str2bool  # noqa: F401 - str2bool/number_list: public names here
 from configs.run_args import infer_zero_center_h
 from egnn.egnn_new import IMPLS as EGNN_IMPLS
 from egnn.registry import backbone_names
@@ -31,38 +33,6 @@ from equivariant_diffusion.samplers import sampler_names
 from training.compat import warn_no_op_flags
 
 SCRIPTS = ("qm9", "geom")
-_TRUE = {"true", "t", "yes", "y", "1", "on"}
-_FALSE = {"false", "f", "no", "n", "0", "off", "none"}
-
-
-def str2bool(text: str | bool) -> bool:
-    """'True'/'False' (EDM's eval spellings) and the usual yes/no/1/0 variants."""
-    if isinstance(text, bool):
-        return text
-    lowered = str(text).strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-def number_list(text: str | Sequence[float]) -> list[float]:
-    """'[1,4,10]', '[1, 4, 10]', '1,4,10' or '(1,4,10)' -> [1, 4, 10] (numbers only, no eval)."""
-    if not isinstance(text, str):
-        return list(text)
-    stripped = text.strip()
-    if not stripped.startswith(("[", "(")):
-        stripped = f"[{stripped}]"
-    try:
-        value = ast.literal_eval(stripped)
-    except (ValueError, SyntaxError):
-        raise argparse.ArgumentTypeError(f"expected a list of numbers like [1,4,10], got {text!r}") from None
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        raise argparse.ArgumentTypeError(f"expected a list of numbers like [1,4,10], got {text!r}")
-    return list(value)
 
 
 def optional_int(text: str) -> int | None:
@@ -108,6 +78,7 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
         prog="main_qm9.py" if script == "qm9" else "main_geom_drugs.py",
         description="Train an E(3) equivariant diffusion model (EDM), optionally with GAGA's truncated training.",
     )
+    compact_errors(p)
     a = p.add_argument
     # --- experiment and model ---
     a("--exp_name", type=str, default="debug_10", help="run folder name under outputs/")
@@ -156,6 +127,8 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     a("--data_augmentation", type=str2bool, default=False, help="random rotations of the training molecules")
     a("--conditioning", nargs="+", default=[], help="property conditioning (not supported: no property labels)")
     a("--resume", type=str, default=None, help="run folder to continue (outputs/<exp_name>)")
+    a("--overwrite", action="store_true",
+      help="start afresh in an existing run folder, replacing its weights (without it an existing run is refused)")
     a("--start_epoch", type=int, default=0)
     a("--ema_decay", type=float, default=0.999, help="EMA decay of the weights; 0 disables EMA")
     a("--augment_noise", type=float, default=0)
@@ -200,34 +173,38 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Validate cross-field constraints and turn ``zero_center_h`` into the bool a run records."""
+    """Validate every flag (ranges, then cross-field constraints) and turn ``zero_center_h`` into the
+    bool a run records. Raises UserInputError, before any data is read or model built."""
+    from training.args_check import check_training_flags
+
+    check_training_flags(args)
     if args.max_t is not None and not 1 <= args.max_t <= args.diffusion_steps:
-        raise SystemExit(f"--max_t must be between 1 and --diffusion_steps ({args.diffusion_steps}), got {args.max_t}")
+        raise UserInputError(f"--max_t must be between 1 and --diffusion_steps ({args.diffusion_steps}), got {args.max_t}")
     if len(args.normalize_factors) != 3:
-        raise SystemExit(f"--normalize_factors needs 3 numbers [x, categorical, integer], got {args.normalize_factors}")
+        raise UserInputError(f"--normalize_factors needs 3 numbers [x, categorical, integer], got {args.normalize_factors}")
     if args.batch_size < 1 or args.n_epochs < 0 or args.test_epochs < 1:
-        raise SystemExit("--batch_size and --test_epochs must be >= 1 and --n_epochs >= 0")
+        raise UserInputError("--batch_size and --test_epochs must be >= 1 and --n_epochs >= 0")
     if args.dataset_var is None:
         args.dataset_var = published_dataset_var(args.dataset) if args.max_t is not None else 1.0
-    if args.dataset_var <= 0:
-        raise SystemExit(f"--dataset_var must be positive, got {args.dataset_var}")
+    if not (math.isfinite(args.dataset_var) and args.dataset_var > 0):
+        raise UserInputError(f"--dataset_var must be a finite positive number, got {args.dataset_var}")
     if args.sampling_step_size < 1:
-        raise SystemExit(f"--sampling_step_size must be >= 1, got {args.sampling_step_size}")
+        raise UserInputError(f"--sampling_step_size must be >= 1, got {args.sampling_step_size}")
     start = args.diffusion_steps if args.max_t is None else args.max_t
     if start % args.sampling_step_size:
-        raise SystemExit(
+        raise UserInputError(
             f"--sampling_step_size {args.sampling_step_size} must divide the chain's start "
             f"({'--max_t' if args.max_t is not None else '--diffusion_steps'} = {start})"
         )
     if args.data_subset is not None and args.data_subset < 1:
-        raise SystemExit(f"--data_subset must be >= 1, got {args.data_subset}")
+        raise UserInputError(f"--data_subset must be >= 1, got {args.data_subset}")
     if args.conditioning:
-        raise SystemExit(
+        raise UserInputError(
             f"--conditioning {' '.join(args.conditioning)}: property conditioning is not supported "
             "(the datasets here carry no property labels); drop the flag"
         )
     if args.probabilistic_model != "diffusion":
-        raise SystemExit(f"--probabilistic_model {args.probabilistic_model!r} is not supported; use diffusion")
+        raise UserInputError(f"--probabilistic_model {args.probabilistic_model!r} is not supported; use diffusion")
     choice = args.zero_center_h
     if isinstance(choice, str):
         if choice == "auto":
@@ -272,7 +249,7 @@ def fill_legacy_defaults(args: argparse.Namespace, script: str | None = None) ->
         if not hasattr(out, key):
             setattr(out, key, value)
     if isinstance(out.normalize_factors, str):
-        out.normalize_factors = number_list(out.normalize_factors)
+        out.normalize_factors = parse_number_list(out.normalize_factors, "normalize_factors")
     if out.dataset_var is None:  # legacy runs: GAGA-fork runs sample from the published variance
         out.dataset_var = published_dataset_var(out.dataset) if getattr(out, "max_t", None) is not None else 1.0
     return out

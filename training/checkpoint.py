@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from configs.atomic_io import atomic_write
+from configs.errors import CheckpointError, RunFolderError, safe_load_reason
 from configs.run_args import ARGS_FILE, save_run_args
 
 MODEL_FILE = "generative_model.npy"
@@ -110,24 +111,33 @@ def load_resume_state(run_dir: str | os.PathLike, map_location: str | torch.devi
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt files raise many types
-        raise SystemExit(f"{path} is unreadable ({type(e).__name__}); delete it to resume from the best-model files instead") from None
-    if state.get("format") != RESUME_FORMAT:
-        raise SystemExit(f"{path} has format {state.get('format')}, this code reads format {RESUME_FORMAT}")
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}); delete it to resume from the best-model files instead") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        state = state if isinstance(state, dict) else {}
+        raise CheckpointError(f"{path} has format {state.get('format')}, this code reads format {RESUME_FORMAT}")
     return state
 
 
 def resolve_resume_dir(path: str | os.PathLike) -> Path:
-    """The run folder ``--resume`` names, or a one-line SystemExit saying what is wrong."""
+    """The run folder ``--resume`` names, or a one-line RunFolderError saying what is wrong."""
     run_dir = Path(path)
     if not run_dir.is_dir():
-        raise SystemExit(f"--resume {path}: no such folder; pass a run folder such as outputs/<exp_name>")
+        raise RunFolderError(f"--resume {path}: no such folder; pass a run folder such as outputs/<exp_name>")
     if not (run_dir / ARGS_FILE).is_file():
-        raise SystemExit(f"--resume {path}: no {ARGS_FILE} there, so it is not a training run folder")
+        raise RunFolderError(f"--resume {path}: no {ARGS_FILE} there, so it is not a training run folder")
     if not (run_dir / RESUME_FILE).is_file() and not (run_dir / MODEL_FILE).is_file():
-        raise SystemExit(f"--resume {path}: the run has neither {RESUME_FILE} nor {MODEL_FILE}; nothing to continue from")
+        raise RunFolderError(f"--resume {path}: the run has neither {RESUME_FILE} nor {MODEL_FILE}; nothing to continue from")
     return run_dir
 
 
 def load_state_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A ``.npy`` state dict written by torch.save (ours or EDM's), loaded safely."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A ``.npy`` state dict written by torch.save (ours or EDM's), loaded safely; CheckpointError
+    (one line naming the file) when it is unreadable or not a dict."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt files raise many types
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {safe_load_reason(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a state dict")
+    return state
+

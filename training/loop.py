@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configs.run_args import resolved_max_t
+from configs.errors import TrainingStopped
+from configs.run_args import resolved_max_t, run_folder_of
 from equivariant_diffusion.utils import remove_mean_with_mask, sample_center_gravity_zero_gaussian_with_mask
 from qm9.losses import compute_loss_and_nll, preprocess_batch
 from training.clipping import Queue, gradient_clipping
@@ -31,7 +32,7 @@ from training.distributed import DistContext, all_reduce_sum, all_true, broadcas
 from training.ema import EMA
 
 
-class NanGuardError(SystemExit):
+class NanGuardError(TrainingStopped):
     """Too many consecutive batches with a non-finite loss or gradient."""
 
 
@@ -180,7 +181,7 @@ def _count_nan_batch(args, state: TrainState, epoch: int, i: int, ctx: DistConte
         raise NanGuardError(
             f"training stopped: {state.nan_in_a_row} batches in a row gave a non-finite loss or gradient "
             f"(epoch {epoch}, iter {i}); lower --lr, check the data, or resume from the last good state "
-            f"with --resume outputs/{args.exp_name}"
+            f"with --resume {run_folder_of(args)}"
         )
 
 

@@ -17,10 +17,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from configs.atomic_io import remove_stale_temp_files, unwritable_reason
 from configs.datasets_config import get_dataset_info
-from configs.run_args import load_run_args, save_run_args
+from configs.errors import CheckpointError, DataError, RunFolderError, UserInputError
+from configs.run_args import ARGS_FILE, load_run_args, save_run_args
 from training import checkpoint as ckpt
 from training.args import explicit_flags, fill_legacy_defaults, parse_args
+from training.args_check import check_buildable, check_run_sizes
 from training.clipping import new_gradnorm_queue
 from training.data import build_loaders, per_process_batch_size
 from training.distributed import DistContext, barrier, cleanup, gather_objects, setup, wrap_model
@@ -35,6 +38,8 @@ RESUME_OVERRIDABLE = {
     "n_report_steps", "visualize_every_batch", "break_train_epoch", "datadir", "dp", "no_cuda", "save_model",
     "checkpoint_every_steps", "nan_patience", "stop_after_steps", "output_root", "data_file", "egnn_impl",
 }
+# Files whose presence means a folder holds a training run that a fresh start would overwrite.
+RUN_FILES = (ARGS_FILE, ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIM_FILE, ckpt.RESUME_FILE)
 
 
 def seed_everything(seed: int) -> None:
@@ -52,14 +57,15 @@ def resume_args(args: argparse.Namespace, argv: Sequence[str], script: str) -> t
     try:
         stored = fill_legacy_defaults(load_run_args(run_dir), script)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--resume {args.resume}: {e}") from None
+        raise RunFolderError(f"--resume {args.resume}: {e}") from None
+    check_run_sizes(stored, str(run_dir / ARGS_FILE))  # an untrusted args.pickle cannot ask for any size
     given = explicit_flags(argv, script) - {"resume", "start_epoch", "exp_name"}
     for key in sorted(given):
         new = getattr(args, key)
         if key in RESUME_OVERRIDABLE:
             setattr(stored, key, new)
         elif getattr(stored, key, None) != new:
-            raise SystemExit(
+            raise UserInputError(
                 f"--{key} cannot change when resuming (the run has {getattr(stored, key, None)!r}, you passed {new!r}); "
                 f"drop it, or start a new run"
             )
@@ -75,17 +81,23 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
 
 def _load_legacy_resume(run_dir: Path, model, model_ema, optim, args, state: TrainState) -> None:
     """Continue an EDM/GAGA run that has no resume state: its best-model files (RNG and queue start fresh)."""
-    from qm9.models import CheckpointError, load_generative_model
+    from qm9.models import load_generative_model
 
-    try:
-        load_generative_model(model, run_dir / ckpt.MODEL_FILE, args)
-        if model_ema is not None:
-            ema_file = run_dir / ckpt.EMA_FILE
-            load_generative_model(model_ema, ema_file if ema_file.is_file() else run_dir / ckpt.MODEL_FILE, args)
-    except CheckpointError as e:
-        raise SystemExit(str(e)) from None
-    if (run_dir / ckpt.OPTIM_FILE).is_file():
-        optim.load_state_dict(ckpt.load_state_file(run_dir / ckpt.OPTIM_FILE))
+    load_generative_model(model, run_dir / ckpt.MODEL_FILE, args)
+    if model_ema is not None:
+        ema_file = run_dir / ckpt.EMA_FILE
+        load_generative_model(model_ema, ema_file if ema_file.is_file() else run_dir / ckpt.MODEL_FILE, args)
+    optim_file = run_dir / ckpt.OPTIM_FILE
+    if optim_file.is_file():
+        try:
+            optim.load_state_dict(ckpt.load_state_file(optim_file))
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, RuntimeError) as e:  # unreadable, or an optimiser of another model/kind
+            raise CheckpointError(
+                f"{optim_file} does not fit this model's optimiser ({type(e).__name__}: {' '.join(str(e).split())}); "
+                f"move it away to continue with a fresh optimiser state"
+            ) from None
     state.epoch = int(getattr(args, "current_epoch", args.start_epoch) or 0)
     print(f"note: {run_dir} has no {ckpt.RESUME_FILE}; continuing from its best model at epoch {state.epoch} "
           "(gradient-norm queue and RNG start fresh)")
@@ -105,8 +117,10 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, resuming: b
         dataloaders, _charge_scale = retrieve_dataloaders(args)
         loaders = build_loaders(dataloaders, args, ctx.rank, ctx.world_size)
         model, nodes_dist, prop_dist = get_model(args, device, dataset_info, loaders["train"])
+    except DataError:
+        raise
     except ValueError as e:
-        raise SystemExit(" ".join(str(e).split())) from None
+        raise DataError(" ".join(str(e).split())) from None
     model = model.to(device)
     optim = build_optimizer(args, model)
     gradnorm_queue = new_gradnorm_queue()
@@ -228,15 +242,37 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, resuming: b
     }
 
 
+def check_new_run_folder(run_dir: Path, overwrite: bool) -> None:
+    """A fresh run may not silently replace an existing one: refuse unless --overwrite; check writability."""
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise RunFolderError(
+            f"{run_dir} already holds a training run ({', '.join(existing)}); continue it with --resume {run_dir}, "
+            f"replace it with --overwrite, or choose another --exp_name"
+        )
+    reason = unwritable_reason(run_dir)
+    if reason:
+        raise RunFolderError(f"{reason}; choose another --output_root")
+    remove_stale_temp_files(run_dir)
+
+
 def main(argv: Sequence[str] | None = None, script: str = "qm9") -> dict[str, Any]:
-    """Parse a training command line and run it (the body of main_qm9.py / main_geom_drugs.py)."""
+    """Parse a training command line and run it (the body of main_qm9.py / main_geom_drugs.py).
+
+    Raises UserInputError / RunFolderError / DataError (one line each) before any data is read
+    when a flag or the run folder is wrong; the scripts print them via ``configs.errors.cli_errors``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv, script)
     resuming = args.resume is not None
     if resuming:
         args, run_dir = resume_args(args, argv, script)
+        check_buildable(args)
+        remove_stale_temp_files(run_dir)
     else:
+        check_buildable(args)
         run_dir = Path(args.output_root) / args.exp_name
+        check_new_run_folder(run_dir, args.overwrite)
     ctx = setup(args)
     try:
         return train(args, ctx, run_dir, resuming)

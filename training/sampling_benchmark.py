@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from configs.errors import UserInputError
+
 METRIC_COLUMNS = (
     ("atm_stable", "atom stab. (%)"),
     ("mol_stable", "mol stab. (%)"),
@@ -43,23 +45,25 @@ class SamplingSetting:
         return dict(start_step=self.start_step, dataset_var=self.dataset_var, step_size=self.step_size, sampler=self.sampler)
 
 
-def validate_chain(T: int, start_step: int | None, step_size: int, flag: str = "--GA_timestep") -> None:
+def validate_chain(
+    T: int, start_step: int | None, step_size: int, flag: str = "--GA_timestep", stride_flag: str = "--sampling_step_size"
+) -> None:
     """One-line errors for a chain the sampler cannot run (checked before any sampling)."""
     if step_size < 1:
-        raise ValueError(f"--sampling_step_size must be a positive integer, got {step_size}")
+        raise UserInputError(f"{stride_flag} must be a positive integer, got {step_size}")
     start = T if start_step is None else start_step
     if not 1 <= start <= T:
-        raise ValueError(f"{flag} must be in [1, {T}] (the run's diffusion steps), got {start}")
+        raise UserInputError(f"{flag} must be in [1, {T}] (the run's diffusion steps), got {start}")
     if start % step_size:
         what = f"{flag} {start}" if start_step is not None else f"the chain length T = {T}"
-        raise ValueError(f"{what} is not a multiple of --sampling_step_size {step_size}")
+        raise UserInputError(f"{what} is not a multiple of {stride_flag} {step_size}")
 
 
 def single_setting(shortcut: str, ga_timestep: int | None, step_size: int, sampler: str, dataset_var: float, T: int) -> SamplingSetting:
     """The setting of GAGA_test.py's flags: ``--shortcut Gaussian`` starts at T*, ``none`` at T."""
     if shortcut == "Gaussian":
         if ga_timestep is None:
-            raise ValueError("--shortcut Gaussian needs --GA_timestep (T*, e.g. 550 for QM9)")
+            raise UserInputError("--shortcut Gaussian needs --GA_timestep (T*, e.g. 550 for QM9)")
         validate_chain(T, ga_timestep, step_size)
         label = f"{sampler.upper()} + Gaussian shortcut at T*={ga_timestep}" + (f", stride {step_size}" if step_size > 1 else "")
         return SamplingSetting(label, ga_timestep, step_size, sampler, dataset_var)
@@ -67,14 +71,14 @@ def single_setting(shortcut: str, ga_timestep: int | None, step_size: int, sampl
         validate_chain(T, None, step_size)
         label = f"{sampler.upper()} full chain ({T} steps)" + (f", stride {step_size}" if step_size > 1 else "")
         return SamplingSetting(label, None, step_size, sampler, dataset_var)
-    raise ValueError(f"unknown --shortcut {shortcut!r}; choose 'Gaussian' or 'none'")
+    raise UserInputError(f"unknown --shortcut {shortcut!r}; choose 'Gaussian' or 'none'")
 
 
 def comparison_settings(T: int, ga_timestep: int, ddim_stride: int, dataset_var: float) -> list[SamplingSetting]:
     """The paper's comparison: full chain, Gaussian shortcut, DDIM stride k, DDIM stride k + shortcut."""
     validate_chain(T, ga_timestep, 1)
-    validate_chain(T, None, ddim_stride)
-    validate_chain(T, ga_timestep, ddim_stride)
+    validate_chain(T, None, ddim_stride, stride_flag="--ddim_stride")
+    validate_chain(T, ga_timestep, ddim_stride, stride_flag="--ddim_stride")
     return [
         SamplingSetting("EDM full chain", None, 1, "ddpm", dataset_var),
         SamplingSetting(f"GAGA (T*={ga_timestep})", ga_timestep, 1, "ddpm", dataset_var),
@@ -188,6 +192,7 @@ def gaga_log_line(result: dict[str, Any], test_name: str) -> str:
 
 def append_gaga_log(run_dir: Path, t_star: int, line: str) -> Path:
     path = Path(run_dir) / f"EDM_GA-T={t_star}-Shortcut_log.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(line + "\n")
     return path
@@ -195,8 +200,8 @@ def append_gaga_log(run_dir: Path, t_star: int, line: str) -> Path:
 
 def check_sample_counts(n_samples: int, batch_size: int, iterations: int) -> None:
     if n_samples < 1 or iterations < 1:
-        raise ValueError("--n_samples and --iteration must be at least 1")
+        raise UserInputError("--n_samples and --iteration must be at least 1")
     if batch_size < 1:
-        raise ValueError("--batch_size_gen must be at least 1")
+        raise UserInputError("--batch_size_gen must be at least 1")
     if n_samples < batch_size:
-        raise ValueError(f"--n_samples ({n_samples}) is smaller than --batch_size_gen ({batch_size}); lower --batch_size_gen")
+        raise UserInputError(f"--n_samples ({n_samples}) is smaller than --batch_size_gen ({batch_size}); lower --batch_size_gen")

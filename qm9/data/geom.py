@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from configs.datasets_config import get_dataset_info
 from configs.atomic_io import atomic_write
+from configs.errors import DataError
 from qm9.data.collate import make_batch, make_dataloader
 
 DEFAULT_DATADIR = "data/geom"
@@ -50,7 +51,7 @@ ROW_WIDTH = 5  # conformer_id, Z, x, y, z
 MAX_OBJECT_BYTES = 2**31 - 1
 
 
-class GeomFormatError(ValueError):
+class GeomFormatError(DataError):
     """A GEOM input or processed file is corrupt or not in the expected format."""
 
 
@@ -103,6 +104,10 @@ class _NpyAppender:
         self.f.seek(end)
 
 
+def _geom_atomic_numbers() -> set[int]:
+    return {int(z) for z in get_dataset_info("geom", False)["atomic_nb"]}
+
+
 def lowest_energy_conformers(info: Any, conformations: int, where: str) -> list[np.ndarray]:
     """The ``xyz`` arrays (n, 4: Z, x, y, z) of the ``conformations`` lowest-energy conformers.
 
@@ -127,6 +132,12 @@ def lowest_energy_conformers(info: Any, conformations: int, where: str) -> list[
         z = xyz[:, 0]
         if not np.all((z >= 1) & (z == np.rint(z))) or not np.all(np.isfinite(xyz)):
             raise GeomFormatError(f"{where}: conformer {k} has non-integer atomic numbers or non-finite coordinates")
+        unknown = sorted(set(np.unique(z).astype(np.int64).tolist()) - _geom_atomic_numbers())
+        if unknown:
+            raise GeomFormatError(
+                f"{where}: conformer {k} has atomic number(s) {unknown}, not among GEOM-Drugs' elements "
+                f"{sorted(_geom_atomic_numbers())}; the record is corrupt (or not GEOM-Drugs)"
+            )
         out.append(xyz)
     return out
 
@@ -222,7 +233,7 @@ def build_geom_dataset(
     (default ``data_dir``). All three files are written to temporary names and renamed only
     when the whole input has been read, so an error never leaves a partial dataset.
     Returns the output paths and counts (molecules, conformers, atoms).
-    Raises SystemExit when the input is missing and GeomFormatError for a corrupt record
+    Raises DataError when the input is missing and GeomFormatError for a corrupt record
     (records are the file's top-level msgpack objects, numbered from 0).
     """
     if int(conformations) < 1:
@@ -230,7 +241,7 @@ def build_geom_dataset(
     data_dir = Path(data_dir).expanduser()
     source = data_dir / Path(data_file).expanduser()
     if not source.is_file():
-        raise SystemExit(f"GEOM input {source} not found; {obtain_steps(data_dir, conformations, remove_h)}")
+        raise DataError(f"GEOM input {source} not found; {obtain_steps(data_dir, conformations, remove_h)}")
     out = Path(out_dir).expanduser() if out_dir is not None else data_dir
     paths = {k: out / v for k, v in output_names(conformations, remove_h).items()}
     stats: dict[str, Any] = {}
@@ -288,7 +299,7 @@ def load_geom_conformers(
 ) -> GeomConformers:
     """Open the processed files (a hydrogen-free build when ``remove_h`` and one exists).
 
-    Checks that the atom counts agree with the rows' conformer ids; raises SystemExit with
+    Checks that the atom counts agree with the rows' conformer ids; raises DataError with
     the build steps when the files are missing and GeomFormatError when they disagree.
     """
     datadir = Path(datadir).expanduser()
@@ -302,7 +313,7 @@ def load_geom_conformers(
         hint = ""
         if not remove_h and (datadir / output_names(conformations, True)["rows"]).exists():
             hint = " (only a hydrogen-free build exists; build again without --remove_h)"
-        raise SystemExit(f"GEOM-Drugs files missing: {', '.join(missing)}{hint}; {obtain_steps(datadir, conformations)}")
+        raise DataError(f"GEOM-Drugs files missing: {', '.join(missing)}{hint}; {obtain_steps(datadir, conformations)}")
     rows = _load_npy(rows_path, mmap=True)
     counts = _load_npy(counts_path).astype(np.int64)
     if rows.ndim != 2 or rows.shape[1] != ROW_WIDTH or not np.issubdtype(rows.dtype, np.floating):

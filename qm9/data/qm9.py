@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from configs.errors import DataError, EnvironmentProblem
 from qm9.data.cache import CacheError, load_arrays, file_sha1, manifest_matches, save_arrays, write_manifest
 
 CACHE_VERSION = 1
@@ -48,11 +49,11 @@ def qm9pack_data_dir() -> Path:
     """Folder of qm9pack's CSV files (found without importing qm9pack, which needs setuptools)."""
     spec = importlib.util.find_spec("qm9pack")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("QM9 needs the package qm9pack: run `pip install -r requirements.txt` (or `pip install qm9pack`).")
+        raise EnvironmentProblem("QM9 needs the package qm9pack: run `pip install -r requirements.txt` (or `pip install qm9pack`).")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data"
     missing = [p for p in _CSV_PARTS if not (folder / p).exists()]
     if missing:
-        raise SystemExit(f"qm9pack at {folder} lacks {', '.join(missing)}: reinstall it with `pip install --force-reinstall qm9pack`.")
+        raise EnvironmentProblem(f"qm9pack at {folder} lacks {', '.join(missing)}: reinstall it with `pip install --force-reinstall qm9pack`.")
     return folder
 
 
@@ -71,21 +72,21 @@ def parse_qm9pack(folder: Path | None = None, progress: bool = True) -> dict[str
         try:
             frames.append(pd.read_csv(path, usecols=["Index", "N_atoms", "Elements", "XYZ_Ang"]))
         except Exception as e:  # noqa: BLE001 - any parse failure means a broken install
-            raise SystemExit(f"cannot read {path} ({e}); reinstall qm9pack with `pip install --force-reinstall qm9pack`.") from None
+            raise DataError(f"cannot read {path} ({e}); reinstall qm9pack with `pip install --force-reinstall qm9pack`.") from None
     table = pd.concat(frames, ignore_index=True).sort_values("Index", kind="stable")
     if len(table) != N_MOLECULES:
-        raise SystemExit(f"qm9pack holds {len(table)} molecules, expected {N_MOLECULES}; reinstall qm9pack==1.0.3.")
+        raise DataError(f"qm9pack holds {len(table)} molecules, expected {N_MOLECULES}; reinstall qm9pack==1.0.3.")
 
     num_atoms = table["N_atoms"].to_numpy(np.int64)
     # Parse all element lists and coordinates in one pass each (strings like "['C','H']").
     symbols = ",".join(table["Elements"].str.slice(1, -1)).replace("'", "").replace(" ", "").split(",")
     flat_z = np.array([_SYMBOL_TO_Z[s] for s in symbols], dtype=np.int64) if len(set(symbols) - _SYMBOL_TO_Z.keys()) == 0 else None
     if flat_z is None:
-        raise SystemExit(f"unexpected element symbols {set(symbols) - _SYMBOL_TO_Z.keys()} in qm9pack data")
+        raise DataError(f"unexpected element symbols {set(symbols) - _SYMBOL_TO_Z.keys()} in qm9pack data")
     coords_text = ",".join(table["XYZ_Ang"].str.slice(1, -1)).replace("[", "").replace("]", "")
     flat_xyz = np.array(coords_text.split(","), dtype=np.float64).reshape(-1, 3)
     if len(flat_z) != num_atoms.sum() or len(flat_xyz) != num_atoms.sum():
-        raise SystemExit("qm9pack data is inconsistent (atom counts do not match coordinates); reinstall qm9pack.")
+        raise DataError("qm9pack data is inconsistent (atom counts do not match coordinates); reinstall qm9pack.")
 
     # Scatter the flat atom rows into (molecule, slot) positions.
     mol_of_atom = np.repeat(np.arange(N_MOLECULES), num_atoms)
