@@ -6,9 +6,10 @@
 
 ``--shortcut Gaussian`` starts the reverse chain at T* (--GA_timestep) from N(0, v_T* I) with
 v_t = alpha_t^2 dataset_var + sigma_t^2; ``--shortcut none`` runs EDM's full chain from T.
-``--sampler ddim`` makes the steps deterministic (DDIM) and stacks with both. ``--compare``
-evaluates four settings in one table: full chain, Gaussian shortcut, DDIM with stride
---ddim_stride, and DDIM + shortcut. Each iteration samples --n_samples molecules, times the
+``--sampler ddim`` makes the steps deterministic (DDIM) and stacks with both;
+``--sampler dpm_solver_2m`` uses DPM-Solver++(2M). ``--compare`` evaluates in one table: full
+chain, Gaussian shortcut, DDIM with stride --ddim_stride, DDIM + shortcut, and DPM-Solver++(2M)
+with about each of --solver_steps steps (default 50 and 100), from T and from T*. Each iteration samples --n_samples molecules, times the
 sampling and evaluates EDM's metrics; the mean ± std over iterations is printed and written
 to <out_dir>/GAGA_test_<test_name>.md/.json, and a line is appended to
 <out_dir>/EDM_GA-T=<T*>-Shortcut_log.txt (--out_dir defaults to --model_path; when that folder
@@ -25,7 +26,7 @@ import torch
 
 from configs.atomic_io import unwritable_reason
 from configs.errors import UserInputError, cli_errors
-from configs.flags import at_least, check_flags, check_plain_name, compact_errors, positive
+from configs.flags import at_least, check_flags, check_plain_name, compact_errors, number_list, positive
 from equivariant_diffusion.samplers import sampler_names
 from training.args import str2bool
 from training import sampling_benchmark as bench
@@ -59,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--GA_timestep", type=int, default=None, help="T* (default: the run's --max_t)")
     p.add_argument("--iteration", type=int, default=3, help="repetitions for mean ± std")
     p.add_argument("--save_to_xyz", type=str2bool, default=False, help="write the first iteration's molecules as XYZ files")
-    p.add_argument("--compare", action="store_true", help="evaluate full chain, shortcut, DDIM and DDIM + shortcut in one table")
+    p.add_argument("--compare", action="store_true", help="evaluate full chain, shortcut, DDIM, DDIM + shortcut and DPM-Solver++(2M) rows in one table")
     p.add_argument("--ddim_stride", type=int, default=2, help="stride of the DDIM rows of --compare")
+    p.add_argument("--solver_steps", type=number_list, default=[50, 100],
+                   help="DPM-Solver++(2M) rows of --compare: about this many steps each, from T and from T* ([] for none)")
     p.add_argument("--seed", type=int, default=0, help="iteration i uses seed + i")
     p.add_argument("--use_ema", type=str2bool, default=True, help="sample with the EMA weights when the run has them")
     p.add_argument("--no_novelty", action="store_true", help="skip novelty (needs the training SMILES, cached after one run)")
@@ -120,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if flags.compare:
         if t_star is None:
             raise UserInputError("--compare needs --GA_timestep (T*), or a run trained with --max_t")
-        settings = bench.comparison_settings(T, t_star, flags.ddim_stride, dataset_var)
+        solver_steps = [int(n) for n in flags.solver_steps]
+        if any(n != m or n < 1 for n, m in zip(solver_steps, flags.solver_steps)):
+            raise UserInputError(f"--solver_steps must be positive integers, got {flags.solver_steps}")
+        settings = bench.comparison_settings(T, t_star, flags.ddim_stride, dataset_var, solver_steps)
     else:
         settings = [bench.single_setting(flags.shortcut, t_star, flags.sampling_step_size, flags.sampler, dataset_var, T)]
     out_dir = output_folder(flags)

@@ -28,6 +28,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from configs.errors import UserInputError
+
 
 class DiffusionForSampling(Protocol):
     """What a sampler uses of ``EnVariationalDiffusion``."""
@@ -83,7 +85,7 @@ def sampler_names() -> tuple[str, ...]:
 
 def get_sampler(name: str) -> Sampler:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(_REGISTRY)}")
+        raise UserInputError(f"unknown sampler {name!r}; choose one of {', '.join(_REGISTRY)}")
     return _REGISTRY[name]()
 
 
@@ -149,23 +151,26 @@ class SamplingOptions:
     step_size: int = 1
     dataset_var: float = 1.0
 
-    def validated(self, T: int) -> "SamplingOptions":
-        """These options if the chain can run on a model with T steps, else a one-line ValueError."""
+    def validated(self, T: int, start_name: str = "the start step (T*)", stride_name: str = "the sampling step size",
+                  var_name: str = "the dataset variance") -> "SamplingOptions":
+        """These options if the chain can run on a model with T steps, else a one-line UserInputError.
+
+        The names say what the values are called where they came from (e.g. ``--GA_timestep``)."""
         if self.sampler not in _REGISTRY:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(_REGISTRY)}")
+            raise UserInputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(_REGISTRY)}")
         step = self.step_size
         if isinstance(step, bool) or int(step) != step or step < 1:
-            raise ValueError(f"the sampling step size must be a positive integer, got {step!r}")
+            raise UserInputError(f"{stride_name} must be a positive integer, got {step!r}")
         start = self.start_step
         if start is not None and (isinstance(start, bool) or int(start) != start or not 1 <= start <= T):
-            raise ValueError(f"the chain's start step (T*) must be an integer in [1, {T}], got {start!r}")
+            raise UserInputError(f"{start_name} must be an integer in [1, {T}] (the model's diffusion steps), got {start!r}")
         first = T if start is None else int(start)
         if first % int(step):
-            what = f"the start step {first}" if start is not None else f"the number of diffusion steps T = {T}"
-            raise ValueError(f"{what} is not a multiple of the sampling step size {int(step)}")
+            what = f"{start_name} {first}" if start is not None else f"the chain length T = {T}"
+            raise UserInputError(f"{what} is not a multiple of {stride_name} {int(step)}")
         var = float(self.dataset_var)
         if not (var > 0 and var < float("inf")):
-            raise ValueError(f"the dataset variance of the Gaussian start must be a positive number, got {self.dataset_var!r}")
+            raise UserInputError(f"{var_name} of the Gaussian start must be a finite positive number, got {self.dataset_var!r}")
         return replace(self, step_size=int(step), start_step=None if start is None else int(start), dataset_var=var)
 
     def schedule(self, T: int) -> list[tuple[int, int]]:
@@ -176,6 +181,13 @@ class SamplingOptions:
 
     def n_steps(self, T: int) -> int:
         return (T if self.start_step is None else self.start_step) // self.step_size
+
+
+def stride_for_steps(start: int, n_steps: int) -> int:
+    """The largest stride k dividing ``start`` with at least ``n_steps`` steps (start // k >= n_steps)."""
+    if not 1 <= n_steps <= start:
+        raise UserInputError(f"a chain from step {start} can take between 1 and {start} steps, not {n_steps}")
+    return max(k for k in range(1, start // n_steps + 1) if start % k == 0)
 
     def as_kwargs(self) -> dict:
         return dict(sampler=self.sampler, start_step=self.start_step, step_size=self.step_size, dataset_var=self.dataset_var)

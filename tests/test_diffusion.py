@@ -325,10 +325,10 @@ def test_sample_chain_frames():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(start_step=0), r"start step \(T\*\) must be an integer in \[1, 20\], got 0"),
-        (dict(start_step=21), r"start step \(T\*\) must be an integer in \[1, 20\], got 21"),
-        (dict(start_step=10, step_size=3), "the start step 10 is not a multiple of the sampling step size 3"),
-        (dict(step_size=3), "the number of diffusion steps T = 20 is not a multiple of the sampling step size 3"),
+        (dict(start_step=0), r"start step \(T\*\) must be an integer in \[1, 20\] \(the model's diffusion steps\), got 0"),
+        (dict(start_step=21), r"start step \(T\*\) must be an integer in \[1, 20\] \(the model's diffusion steps\), got 21"),
+        (dict(start_step=10, step_size=3), r"the start step \(T\*\) 10 is not a multiple of the sampling step size 3"),
+        (dict(step_size=3), "the chain length T = 20 is not a multiple of the sampling step size 3"),
         (dict(step_size=0), "sampling step size must be a positive integer, got 0"),
         (dict(sampler="euler"), "unknown sampler"),
     ],

@@ -40,22 +40,23 @@ def run_gaga_test(folder: Path, *flags: str) -> list[dict]:
     return GAGA_test.main(["--model_path", str(folder), "--no-cuda", "--no_novelty", *flags])
 
 
-def test_comparison_mode_writes_one_table_with_four_settings(tmp_path):
+def test_comparison_mode_writes_one_table_with_every_setting(tmp_path):
     run = tiny_run(tmp_path / "tiny")
     results = run_gaga_test(run, "--compare", "--GA_timestep", "50", "--ddim_stride", "5", "--n_samples", "4",
-                            "--batch_size_gen", "4", "--iteration", "2", "--test_name", "cmp")
-    assert [r["steps"] for r in results] == [100, 50, 20, 10]
-    assert [r["setting"]["sampler"] for r in results] == ["ddpm", "ddpm", "ddim", "ddim"]
-    assert [r["setting"]["start_step"] for r in results] == [None, 50, None, 50]
+                            "--batch_size_gen", "4", "--iteration", "2", "--test_name", "cmp", "--solver_steps", "[10]")
+    assert [r["steps"] for r in results] == [100, 50, 20, 10, 10, 10]
+    assert [r["setting"]["sampler"] for r in results] == ["ddpm", "ddpm", "ddim", "ddim", "dpm_solver_2m", "dpm_solver_2m"]
+    assert [r["setting"]["start_step"] for r in results] == [None, 50, None, 50, None, 50]
     for r in results:
         assert len(r["iterations"]) == 2
         assert 0.0 <= r["mean"]["atm_stable"] <= 1.0 and r["mean"]["s_per_molecule"] > 0
     table = (run / "GAGA_test_cmp.md").read_text()
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 5 and "speed-up" in table and "1.00x" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 7 and "speed-up" in table and "1.00x" in table
+    assert "DPM-Solver++(2M), 10 steps + GAGA" in table
     saved = json.loads((run / "GAGA_test_cmp.json").read_text())
     assert saved["meta"]["GA_timestep"] == 50 and saved["meta"]["dataset_var"] == 0.848
-    assert len((run / "EDM_GA-T=50-Shortcut_log.txt").read_text().splitlines()) == 2
-    assert len((run / "EDM_GA-T=100-Shortcut_log.txt").read_text().splitlines()) == 2
+    assert len((run / "EDM_GA-T=50-Shortcut_log.txt").read_text().splitlines()) == 3
+    assert len((run / "EDM_GA-T=100-Shortcut_log.txt").read_text().splitlines()) == 3
 
 
 def test_defaults_come_from_the_run_and_xyz_files_are_written(tmp_path):
@@ -155,3 +156,6 @@ def test_settings_validate_like_the_sampler():
         bench.single_setting("none", None, 3, "ddpm", 1.0, 1000)
     settings = bench.comparison_settings(1000, 550, 2, 0.848)
     assert [s.n_steps(1000) for s in settings] == [1000, 550, 500, 275]
+    solver = bench.comparison_settings(1000, 550, 2, 0.848, solver_steps=(50, 100))[4:]
+    assert [(s.sampler, s.start_step, s.n_steps(1000)) for s in solver] == [
+        ("dpm_solver_2m", None, 50), ("dpm_solver_2m", 550, 50), ("dpm_solver_2m", None, 100), ("dpm_solver_2m", 550, 110)]

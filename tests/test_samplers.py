@@ -85,11 +85,11 @@ def test_dpm_solver_composes_with_the_gaussian_start_and_keeps_centring():
 
 
 @pytest.mark.parametrize("options, message", [
-    (SamplingOptions("ddpm", None, 3), "number of diffusion steps T = 1000 is not a multiple of the sampling step size 3"),
-    (SamplingOptions("ddim", 550, 4), "start step 550 is not a multiple of the sampling step size 4"),
-    (SamplingOptions("ddpm", 1200, 1), r"start step \(T\*\) must be an integer in \[1, 1000\], got 1200"),
+    (SamplingOptions("ddpm", None, 3), "the chain length T = 1000 is not a multiple of the sampling step size 3"),
+    (SamplingOptions("ddim", 550, 4), r"start step \(T\*\) 550 is not a multiple of the sampling step size 4"),
+    (SamplingOptions("ddpm", 1200, 1), r"start step \(T\*\) must be an integer in \[1, 1000\] \(the model's diffusion steps\), got 1200"),
     (SamplingOptions("ddpm", None, 0), "step size must be a positive integer, got 0"),
-    (SamplingOptions("ddpm", 550, 1, float("nan")), "dataset variance .* positive number, got nan"),
+    (SamplingOptions("ddpm", 550, 1, float("nan")), "dataset variance .* finite positive number, got nan"),
     (SamplingOptions("ddpm", 550, 1, 0.0), "dataset variance .* positive number, got 0.0"),
     (SamplingOptions("heun"), "unknown sampler 'heun'"),
 ])

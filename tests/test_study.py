@@ -88,3 +88,17 @@ def test_train_snapshot_and_resume_on_a_fresh_machine(tmp_path, qm9_datadir):
         assert "Resuming" in log and log.count("=== ") == 2  # the first session's summary, then this session
         summary = (state / run / "train_summary.log").read_text()
         assert "Epoch 0" in summary and "Epoch 1" in summary
+
+    # Shipping needs the run exactly at the budget; then every row of the table runs on the shipped folders.
+    with pytest.raises(ValueError, match="not at the end of epoch 3"):
+        study.ship("qm9_edm_small", 3, live, state, tmp_path / "pretrained")
+    for run in study.RUNS:
+        shipped = study.ship(run, 2, live, state, tmp_path / "pretrained")
+        assert {p.name for p in shipped.iterdir()} == {"args.pickle", "generative_model_ema.npy"}
+    results = study.evaluate(study.evaluation_rows(), tmp_path / "pretrained", n_samples=2, iterations=1, batch_size=2,
+                             out_stem=tmp_path / "results", nll=True, datadir=str(qm9_datadir),
+                             novelty=False)
+    assert [r["steps"] for r in results] == [1000, 500, 50, 550, 550, 450, 275, 50]
+    assert all(math.isfinite(r["test_nll"]) for r in results)
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| qm9_edm_small |") == 4 and table.count("| qm9_gaga_small |") == 4

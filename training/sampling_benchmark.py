@@ -12,12 +12,13 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from configs.errors import UserInputError
+from equivariant_diffusion.samplers import SamplingOptions, stride_for_steps
 
 METRIC_COLUMNS = (
     ("atm_stable", "atom stab. (%)"),
@@ -48,15 +49,8 @@ class SamplingSetting:
 def validate_chain(
     T: int, start_step: int | None, step_size: int, flag: str = "--GA_timestep", stride_flag: str = "--sampling_step_size"
 ) -> None:
-    """One-line errors for a chain the sampler cannot run (checked before any sampling)."""
-    if step_size < 1:
-        raise UserInputError(f"{stride_flag} must be a positive integer, got {step_size}")
-    start = T if start_step is None else start_step
-    if not 1 <= start <= T:
-        raise UserInputError(f"{flag} must be in [1, {T}] (the run's diffusion steps), got {start}")
-    if start % step_size:
-        what = f"{flag} {start}" if start_step is not None else f"the chain length T = {T}"
-        raise UserInputError(f"{what} is not a multiple of {stride_flag} {step_size}")
+    """One-line errors for a chain the sampler cannot run (checked before any sampling), naming the flags."""
+    SamplingOptions("ddpm", start_step, step_size).validated(T, start_name=flag, stride_name=stride_flag)
 
 
 def single_setting(shortcut: str, ga_timestep: int | None, step_size: int, sampler: str, dataset_var: float, T: int) -> SamplingSetting:
@@ -74,17 +68,26 @@ def single_setting(shortcut: str, ga_timestep: int | None, step_size: int, sampl
     raise UserInputError(f"unknown --shortcut {shortcut!r}; choose 'Gaussian' or 'none'")
 
 
-def comparison_settings(T: int, ga_timestep: int, ddim_stride: int, dataset_var: float) -> list[SamplingSetting]:
-    """The paper's comparison: full chain, Gaussian shortcut, DDIM stride k, DDIM stride k + shortcut."""
+def comparison_settings(T: int, ga_timestep: int, ddim_stride: int, dataset_var: float,
+                        solver_steps: Sequence[int] = ()) -> list[SamplingSetting]:
+    """The paper's comparison: full chain, Gaussian shortcut, DDIM stride k, DDIM stride k + shortcut;
+    then DPM-Solver++(2M) with about each of ``solver_steps`` steps, from T and from the shortcut
+    (the stride is the largest divisor of the start giving at least that many steps)."""
     validate_chain(T, ga_timestep, 1)
     validate_chain(T, None, ddim_stride, stride_flag="--ddim_stride")
     validate_chain(T, ga_timestep, ddim_stride, stride_flag="--ddim_stride")
-    return [
+    settings = [
         SamplingSetting("EDM full chain", None, 1, "ddpm", dataset_var),
         SamplingSetting(f"GAGA (T*={ga_timestep})", ga_timestep, 1, "ddpm", dataset_var),
         SamplingSetting(f"DDIM (stride {ddim_stride})", None, ddim_stride, "ddim", dataset_var),
         SamplingSetting(f"DDIM (stride {ddim_stride}) + GAGA", ga_timestep, ddim_stride, "ddim", dataset_var),
     ]
+    for n in solver_steps:
+        for start, suffix in ((None, ""), (ga_timestep, " + GAGA")):
+            stride = stride_for_steps(start or T, min(n, start or T))
+            steps = (start or T) // stride
+            settings.append(SamplingSetting(f"DPM-Solver++(2M), {steps} steps{suffix}", start, stride, "dpm_solver_2m", dataset_var))
+    return settings
 
 
 def device_name(device: torch.device) -> str:

@@ -299,28 +299,33 @@ class EvalRow:
     options: dict  # SamplingOptions fields
 
 
-def evaluation_rows(t_star: int = GAGA_T_STAR, earlier: int = 450, ddim_stride: int = 2, solver_stride: int = 20,
-                    v: float = GAGA_DATASET_VAR) -> list[EvalRow]:
-    """The study's table: EDM's chains, GAGA's, and the control (EDM's model from GAGA's start)."""
+def evaluation_rows(t_star: int = GAGA_T_STAR, earlier: int = 450, ddim_stride: int = 2, solver_steps: int = 50,
+                    v: float = GAGA_DATASET_VAR, T: int = 1000) -> list[EvalRow]:
+    """The study's table: EDM's chains, GAGA's, the control (EDM's model from GAGA's start), and
+    DPM-Solver++(2M) rows of about ``solver_steps`` steps for both models."""
+    from equivariant_diffusion.samplers import stride_for_steps
+
     edm, gaga = list(RUNS)
+    edm_solver, gaga_solver = stride_for_steps(T, solver_steps), stride_for_steps(t_star, solver_steps)
     return [
         EvalRow("EDM full chain", edm, dict(sampler="ddpm", start_step=None, step_size=1, dataset_var=1.0)),
         EvalRow(f"EDM DDIM stride {ddim_stride}", edm, dict(sampler="ddim", start_step=None, step_size=ddim_stride, dataset_var=1.0)),
-        EvalRow(f"EDM DPM-Solver++(2M) stride {solver_stride}", edm,
-                dict(sampler="dpm_solver_2m", start_step=None, step_size=solver_stride, dataset_var=1.0)),
+        EvalRow(f"EDM DPM-Solver++(2M) {T // edm_solver} steps", edm,
+                dict(sampler="dpm_solver_2m", start_step=None, step_size=edm_solver, dataset_var=1.0)),
         EvalRow(f"EDM model, Gaussian start at {t_star} (no GAGA training)", edm,
                 dict(sampler="ddpm", start_step=t_star, step_size=1, dataset_var=v)),
         EvalRow(f"EDM+GAGA at T*={t_star}", gaga, dict(sampler="ddpm", start_step=t_star, step_size=1, dataset_var=v)),
         EvalRow(f"EDM+GAGA started at {earlier}", gaga, dict(sampler="ddpm", start_step=earlier, step_size=1, dataset_var=v)),
         EvalRow(f"EDM+GAGA DDIM stride {ddim_stride}", gaga,
                 dict(sampler="ddim", start_step=t_star, step_size=ddim_stride, dataset_var=v)),
-        EvalRow(f"EDM+GAGA DPM-Solver++(2M) stride {solver_stride // 2}", gaga,
-                dict(sampler="dpm_solver_2m", start_step=t_star, step_size=solver_stride // 2, dataset_var=v)),
+        EvalRow(f"EDM+GAGA DPM-Solver++(2M) {t_star // gaga_solver} steps", gaga,
+                dict(sampler="dpm_solver_2m", start_step=t_star, step_size=gaga_solver, dataset_var=v)),
     ]
 
 
 def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iterations: int, batch_size: int = 100,
-             seed: int = 0, out_stem: Path | None = None, nll: bool = True, datadir: str | None = None) -> list[dict]:
+             seed: int = 0, out_stem: Path | None = None, nll: bool = True, datadir: str | None = None,
+             novelty: bool = True) -> list[dict]:
     """Sample and score every row with the same code, seeds and budget; test NLL per model."""
     import json
 
@@ -334,7 +339,7 @@ def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iteratio
     device = torch.device("cpu")
     loaded = {run: load_run(model_root / run, device, datadir=datadir) for run in {r.run for r in rows}}
     first = next(iter(loaded.values()))
-    smiles = training_smiles(first.args, first.dataset_info)
+    smiles = training_smiles(first.args, first.dataset_info) if novelty else None
     test_nll = {}
     if nll:
         for run, lr in loaded.items():
