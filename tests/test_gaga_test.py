@@ -77,7 +77,7 @@ def test_gaussian_shortcut_with_stride_and_ddim(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--GA_timestep", "0"], r"--GA_timestep must be an integer >= 1, got 0"),
-    (["--GA_timestep", "2000"], r"--GA_timestep must be in \[1, 100\]"),
+    (["--GA_timestep", "2000"], r"--GA_timestep must be an integer in \[1, 100\]"),
     (["--GA_timestep", "50", "--sampling_step_size", "3"], "not a multiple of --sampling_step_size 3"),
     (["--n_samples", "5", "--batch_size_gen", "10"], "smaller than --batch_size_gen"),
 ])
