@@ -69,7 +69,7 @@ from gaga.paper_stats import gaussianity_functional, ks_distance_sorted, ksg_ter
 CONVENTIONS = ("rms", "variance", "unbiased", "per_modality")
 CONVENTION_ALIASES = {"rms": "rms", "readme": "rms", "variance": "variance", "mean_square": "variance",
                       "unbiased": "unbiased", "paper": "unbiased", "per_modality": "per_modality",
-                      "per-modality": "per_modality"}
+                      "per-modality": "per_modality", "given": "given"}
 DEFAULT_PAPER_TIMESTEPS = tuple(range(0, 1001, 50))
 RESULT_FILE = "paper_evaluator.json"
 CURVES_FILE = "paper_curves.csv"
@@ -217,7 +217,7 @@ class PaperConfig:
     workers: int = 1  # threads of the k-d tree queries (results do not depend on it)
 
     def validate(self) -> None:
-        resolve_convention(self.convention)
+        resolve_convention(self.convention)  # "given" (--dataset_var) is accepted too
         if not 0.0 < self.null_alpha < 1.0:
             raise ValueError(f"--null_alpha must lie in (0, 1), got {self.null_alpha}")
         for name in ("eps_dep", "eps_ds"):
@@ -321,7 +321,7 @@ def evaluate_paper(
     alpha2, sigma2: (T,) at the grid; conventions: name -> v^ per channel (F,).
     """
     config.validate()
-    primary = resolve_convention(config.convention)
+    primary = config.convention if config.convention in conventions else resolve_convention(config.convention)
     if primary not in conventions:
         raise ValueError(f"no variance given for the convention {primary!r}")
     grid = np.asarray(config.timesteps if grid is None else grid)

@@ -211,6 +211,20 @@ def test_rules_thresholds_bootstrap_and_eps_table():
     assert (np.diff(t) <= 0).all(), "a larger threshold is reached no later"
 
 
+def test_a_whole_run_on_geom_shaped_molecules_with_a_given_dataset_var(tmp_path):
+    from gaga.evaluator_paper import run_paper_evaluator
+
+    features = geom_shaped_features(120, seed=5, max_atoms=50)
+    config = replace(FAST, null_replicates=5, mi_samples=100, h_samples=100, bootstrap=5)
+    result = run_paper_evaluator(features, GAMMA, config, tmp_path, n_molecules=100, dataset_var=0.952,
+                                 size_sweep_sizes=[50], plot=False, progress=False)
+    assert result["convention"] == "given" and result["per_convention"]["given"]["v_hat"][0] == 0.952
+    assert set(result["per_convention"]) == {"rms", "variance", "unbiased", "per_modality", "given"}
+    assert result["n_molecules"] == 100 and [row["n_molecules"] for row in result["size_sweep"]] == [50, 100]
+    report = read_paper_results(tmp_path)
+    assert report["convention"] == "given" and report["T_star"] == result["T_star"]
+
+
 # --- files and command lines -------------------------------------------------------------------
 
 def test_results_round_trip_and_thresholds_can_be_changed_afterwards(tmp_path):
