@@ -9,7 +9,8 @@ Data sets: exactly Gaussian (non-molecular control), strongly non-Gaussian (bimo
 dependent; non-molecular control), a random QM9 train sample, and GEOM-shaped synthetic
 molecules (gaga/synthetic.py; there is no real GEOM-Drugs on this machine). v^ of each
 convention is measured on the evaluated sample itself. Writes results.json, results.md and
-h_along_t.png into --out and prints the table with wall times.
+h_along_t.png, curves_<data set>.csv into --out and prints the table with wall times and T*
+against eps_DS (rms/variance/unbiased/per_modality).
 """
 from __future__ import annotations
 
@@ -23,9 +24,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from gaga.data import DataSpec, load_features, random_subset_rows  # noqa: E402
-from gaga.evaluator_paper import PaperConfig, evaluate_paper, flat_from_features, variance_conventions_flat  # noqa: E402
+from gaga.evaluator_paper import (  # noqa: E402
+    PaperConfig,
+    evaluate_paper,
+    first_below,
+    flat_from_features,
+    t_star,
+    variance_conventions_flat,
+)
 from gaga.schedule import alpha2_sigma2, gamma_table_from_flags  # noqa: E402
 from gaga.synthetic import gaussian_control, geom_shaped_features, non_gaussian_control  # noqa: E402
 
@@ -61,6 +70,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/paper_eval/datasets")
+    parser.add_argument("--datasets", default="gaussian,qm9,geom,non_gaussian", help="comma-separated subset of gaussian,qm9,geom,non_gaussian")
+    parser.add_argument("--eps_ds", default="0.005,0.01,0.02,0.05,0.07,0.1", help="thresholds for the T*-vs-eps table")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -70,14 +81,21 @@ def main() -> None:
     grid = config.timesteps
     alpha2, sigma2 = alpha2_sigma2(gamma, grid)
 
-    qm9 = load_features(DataSpec(datadir=args.datadir), progress=False)
-    geom = geom_shaped_features(args.n_molecules, seed=args.seed)
-    samples = {
-        "Gaussian control": gaussian_control(args.n_molecules, seed=args.seed),
-        "QM9 (train sample)": flat_from_features(qm9, random_subset_rows(qm9.num_atoms, args.n_molecules, args.seed, min_atoms=2)),
-        "GEOM-shaped synthetic": flat_from_features(geom),
-        "non-Gaussian control": non_gaussian_control(args.n_molecules, seed=args.seed),
-    }
+    wanted = set(args.datasets.split(","))
+    unknown = wanted - {"gaussian", "qm9", "geom", "non_gaussian"}
+    if unknown:
+        raise SystemExit(f"error: unknown --datasets {sorted(unknown)}; choose from gaussian,qm9,geom,non_gaussian")
+    samples = {}
+    if "gaussian" in wanted:
+        samples["Gaussian control"] = gaussian_control(args.n_molecules, seed=args.seed)
+    if "qm9" in wanted:
+        qm9 = load_features(DataSpec(datadir=args.datadir), progress=False)
+        samples["QM9 (train sample)"] = flat_from_features(qm9, random_subset_rows(qm9.num_atoms, args.n_molecules, args.seed, min_atoms=2))
+    if "geom" in wanted:
+        geom = geom_shaped_features(args.n_molecules, seed=args.seed)
+        samples["GEOM-shaped synthetic"] = flat_from_features(geom)
+    if "non_gaussian" in wanted:
+        samples["non-Gaussian control"] = non_gaussian_control(args.n_molecules, seed=args.seed)
     report: dict = {"n_molecules": args.n_molecules, "grid": list(grid), "null_replicates": args.null_replicates, "datasets": {}}
     curves = {}
     for name, sample in samples.items():
@@ -86,13 +104,25 @@ def main() -> None:
         result = evaluate_paper(sample, alpha2, sigma2, conventions, config)
         seconds = time.perf_counter() - start
         curves[name] = {"curves": result["curves"], "T_star": result["T_star"]}
+        slug = name.split(" ")[0].lower()
+        pd.DataFrame({k: np.asarray(v) for k, v in result["curves"].items()}).to_csv(out / f"curves_{slug}.csv", index=False, float_format="%.6g")
+        eps_rows = []
+        for eps in [float(e) for e in args.eps_ds.split(",")]:
+            row = {"eps_ds": eps}
+            for c in result["per_convention"]:
+                t_ds = first_below(result["curves"][f"D_{c}"], np.asarray(grid), eps)
+                row[c] = t_star(result["T_ID"], t_ds)
+            eps_rows.append(row)
         report["datasets"][name] = {
             "seconds": round(seconds, 1), "n_atoms": result["n_atoms"], "eps_ds": result["eps_ds"], "eps_dep": result["eps_dep"],
             "H2_t0": float(result["curves"]["H2"][0]), "H4_t0": float(result["curves"]["H4"][0]),
             "H4_null": float(result["curves"]["H4_null"][0]), "T_ID": result["T_ID"],
             "per_convention": {c: {"v_hat": r["v_hat"][0] if c != "per_modality" else [r["v_hat"][0], r["v_hat"][3]],
                                    "T_DS": r["T_DS"], "T_star": r["T_star"]} for c, r in result["per_convention"].items()},
+            "T_star_vs_eps_ds": eps_rows,
         }
+        print("  T* against eps_DS (eps_dep at its null value): " + "; ".join(
+            f"{r['eps_ds']:g}: " + "/".join(str(r[c]) for c in result["per_convention"]) for r in eps_rows))
         print(f"{name}: {seconds:.1f} s, H4(t=0) {result['curves']['H4'][0]:.2f}, T_ID {result['T_ID']}, "
               + ", ".join(f"T*({c}) {r['T_star']}" for c, r in result["per_convention"].items()), flush=True)
         if name == "GEOM-shaped synthetic" and args.scripts_molecules:
