@@ -145,6 +145,32 @@ def test_flat_samples_subset_centre_and_conventions_agree_with_the_variance_modu
     np.testing.assert_allclose(np.add.reduceat(centre_flat(eps, flat.sizes), flat.offsets, axis=0), 0, atol=1e-9)
 
 
+def test_flat_sample_from_features_served_in_blocks_as_geom_serves_them():
+    """GEOM's on-demand features come in several dense blocks (sorted by size); the flat sample keeps every molecule once."""
+    from gaga.data import Features
+
+    dense = geom_shaped_features(30, seed=2, max_atoms=40)
+
+    class Blocked(Features):
+        def subset(self, rows):
+            f = Features.subset(self, rows)
+            return Blocked(f.values, f.mask, f.num_atoms, f.index, f.channels)
+
+        def blocks(self):
+            order = np.argsort(self.num_atoms, kind="stable")
+            for part in (order[::2], order[1::2]):
+                yield part, Features.subset(self, part)
+
+    blocked = Blocked(dense.values, dense.mask, dense.num_atoms, dense.index, dense.channels)
+    rows = np.array([3, 7, 8, 20, 21, 29])
+    flat = flat_from_features(blocked, rows)
+    whole = flat_from_features(dense, rows)
+    assert sorted(flat.index.tolist()) == sorted(whole.index.tolist()) == dense.index[rows].tolist()
+    for i, mol in enumerate(flat.index):
+        j = int(np.flatnonzero(whole.index == mol)[0])
+        np.testing.assert_array_equal(flat.subset(np.array([i])).values, whole.subset(np.array([j])).values)
+
+
 def test_geom_shaped_data_has_geoms_sizes_types_and_scale():
     features = geom_shaped_features(400, seed=0)
     assert features.channels == {"positions": slice(0, 3), "atom_types": slice(3, 19)}
