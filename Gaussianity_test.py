@@ -10,6 +10,11 @@ gaussianity.png (pass rates, KS statistics and MI against t, T* marked). Tests: 
 gaga/gaussianity.py. An interrupted run keeps what is done; add --resume to finish it.
 GEOM-Drugs conformers are read from the memory-mapped table chunk by chunk, so only the
 tested ones are ever loaded (GAGA's README used a random 10% sample: --n_molecules).
+
+--evaluator paper runs the paper's dataset-level evaluator instead (gaga/evaluator_paper.py):
+Dep(x_t), D_t, T_ID, T_DS, T* = max(T_ID, T_DS) for each variance convention, with
+null-calibrated thresholds and bootstrap bands; it writes paper_evaluator.json,
+paper_curves.csv, paper_t_star_vs_eps.csv and plots into the same folder.
 """
 from __future__ import annotations
 
@@ -39,7 +44,34 @@ FLAG_RULES = {
     "mi_neighbors": at_least(1, high=1000),
     "mi_pairs": at_least(1, high=1_000_000),
     "quantile": Rule(float, 0, 1, low_open=True, high_open=True),
+    # --evaluator paper
+    "eps_dep": positive(optional=True),
+    "eps_ds": positive(optional=True),
+    "null_alpha": Rule(float, 0, 1, low_open=True, high_open=True),
+    "null_replicates": at_least(1, high=10_000),
+    "bootstrap": at_least(1, high=10_000),
+    "mi_samples": at_least(2, high=10_000_000),
+    "h_samples": at_least(2, high=10_000_000),
 }
+
+
+PAPER_GRID = "0:1000:50"
+
+
+def add_paper_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--evaluator", default="scripts", choices=("scripts", "paper"),
+                        help="scripts: per-molecule tests (GAGA's published scripts); paper: the paper's dataset-level T_ID/T_DS")
+    group = parser.add_argument_group("--evaluator paper")
+    group.add_argument("--convention", default="unbiased", help="primary v^: rms (README 0.848), variance, unbiased (paper), per_modality")
+    group.add_argument("--eps_dep", type=float, default=None, help="MI threshold (nats); default: null-calibrated")
+    group.add_argument("--eps_ds", type=float, default=None, help="KS-distance threshold; default: null-calibrated")
+    group.add_argument("--null_alpha", type=float, default=0.05, help="thresholds = (1 - alpha) quantile on exactly Gaussian data")
+    group.add_argument("--null_replicates", type=int, default=50)
+    group.add_argument("--bootstrap", type=int, default=50, help="bootstrap replicates (molecules resampled) for the bands")
+    group.add_argument("--mi_samples", type=int, default=4000, help="molecules used by the MI estimates")
+    group.add_argument("--h_samples", type=int, default=2000, help="molecules used by the Gaussianity functional")
+    group.add_argument("--size_sweep", default=None, help="e.g. 500,1000,2000,5000: T* on nested subsets, thresholds per size")
+
 VARIANCE_MODES = {"scalar": "scalar", "per-modality": "per-modality", "per_modality": "per-modality", "measured": "per-modality"}
 
 
@@ -52,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n_molecules", type=int, default=None, help="random subset of the split (default: all with >= 4 atoms)")
     parser.add_argument("--seed", type=int, default=0)
     default_grid = f"{DEFAULT_TIMESTEPS[0]}:{DEFAULT_TIMESTEPS[-1]}:{DEFAULT_TIMESTEPS[1] - DEFAULT_TIMESTEPS[0]}"
-    parser.add_argument("--timesteps", default=default_grid, help="grid: 300,350,400 or start:stop:step (stop included)")
+    parser.add_argument("--timesteps", default=None,
+                        help=f"grid: 300,350,400 or start:stop:step (stop included); default {default_grid}, paper evaluator {PAPER_GRID}")
     parser.add_argument("--workers", type=int, default=2, help="processes")
     parser.add_argument("--chunk_size", type=int, default=32, help="molecules per task")
     parser.add_argument("--variance_mode", default="scalar", choices=sorted(VARIANCE_MODES),
@@ -65,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mi_neighbors", type=int, default=3, help="k of the KSG estimator")
     parser.add_argument("--mi_pairs", type=int, default=10, help="random pairs per MI test")
     parser.add_argument("--quantile", type=float, default=0.95, help="for the T* quantile estimator shown on the plot")
+    add_paper_flags(parser)
     parser.add_argument("--resume", action="store_true", help="finish an interrupted run with the same settings")
     parser.add_argument("--no_plot", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
@@ -78,10 +112,15 @@ def main(argv=None) -> int:
     check_source_flags(args, FLAG_RULES)
     check_quantile(args.quantile)
     gamma = resolve_gamma(args)
-    grid = check_timesteps(parse_timesteps(args.timesteps), len(gamma) - 1)
+    default_grid = PAPER_GRID if args.evaluator == "paper" else f"{DEFAULT_TIMESTEPS[0]}:{DEFAULT_TIMESTEPS[-1]}:{DEFAULT_TIMESTEPS[1] - DEFAULT_TIMESTEPS[0]}"
+    grid = check_timesteps(parse_timesteps(args.timesteps or default_grid), len(gamma) - 1)
     spec = resolve_data_spec(args)
     out_dir = Path(args.out_dir or f"identity_to_gaussian_{args.test_name}")
     check_output_folder(str(out_dir))
+    if args.evaluator == "paper":
+        from gaga.paper_cli import paper_main
+
+        return paper_main(args, spec, gamma, grid)
     mode = VARIANCE_MODES[args.variance_mode]
     dataset_var = published_dataset_var(dataset_kind(spec.dataset)) if args.dataset_var is None else args.dataset_var
     features = load_features(spec, split=args.split, progress=not args.no_progress)
