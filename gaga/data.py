@@ -216,10 +216,11 @@ def load_features(spec: DataSpec, split: str = "train", progress: bool = True) -
 
         return load_geom_features(spec, split=split, progress=progress)
     from configs.datasets import dataset_entry, resolve_hook
+    from configs.errors import UserInputError
 
     entry = dataset_entry(spec.dataset)
     if entry.split_arrays is None:
-        raise ValueError(f"dataset {entry.name!r} has no padded-array loader (split_arrays), which GAGA's tools need")
+        raise UserInputError(f"dataset {entry.name!r} has no padded-array loader (split_arrays), which GAGA's tools need")
     load_split = resolve_hook(entry.split_arrays)  # QM9: qm9.data.qm9.load_qm9
     arrays = load_split(spec.datadir, split, remove_h=spec.remove_h, filter_n_atoms=spec.filter_n_atoms, progress=progress)
     return centred_features(arrays, spec)

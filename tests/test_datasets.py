@@ -267,6 +267,14 @@ def test_novelty_and_gaga_read_the_registered_arrays(example, qm9_datadir, monke
     assert len(features) == len(valid["num_atoms"]) > 0
     assert np.array_equal(features.index, valid["index"])
 
+    only_loader = register_dataset(DatasetEntry(name="streamed", family="qm9", info={False: "qm9_with_h"},
+                                                chain_n_nodes=19, loader="qm9.data.geom:retrieve_geom_dataloaders"))
+    try:
+        with pytest.raises(UserInputError, match="'streamed' has no padded-array loader"):
+            load_features(DataSpec(dataset="streamed", datadir=str(qm9_datadir)), progress=False)
+    finally:
+        unregister_dataset(only_loader.name)
+
 
 def test_the_readme_dataset_trains_end_to_end(example, qm9_datadir, tmp_path, one_thread):
     from configs.run_args import load_run_args
