@@ -23,6 +23,7 @@ import math
 import sys
 from typing import Any, Sequence
 
+from configs.datasets import FAMILIES, dataset_family, dataset_names
 from configs.datasets_config import published_dataset_var
 from configs.errors import UserInputError
 from configs.flags import compact_errors, number_list, parse_number_list, str2bool  # noqa: F401 - str2bool/number_list: public names here
@@ -32,7 +33,7 @@ from egnn.registry import backbone_names
 from equivariant_diffusion.samplers import sampler_names
 from training.compat import warn_no_op_flags
 
-SCRIPTS = ("qm9", "geom")
+SCRIPTS = FAMILIES  # a dataset's family (configs/datasets.py) names the script whose defaults it takes
 
 
 def optional_int(text: str) -> int | None:
@@ -109,7 +110,7 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     a("--sin_embedding", type=str2bool, default=False)
     a("--ode_regularization", type=float, default=1e-3, help="weight of the regulariser term (0 for diffusion)")
     # --- data ---
-    a("--dataset", type=str, default=d["dataset"], help="qm9 or geom")
+    a("--dataset", type=str, default=d["dataset"], help=f"one of {', '.join(dataset_names())} (configs/datasets.py)")
     a("--datadir", type=str, default="qm9/temp", help="where the processed dataset caches live")
     a("--filter_n_atoms", type=optional_int, default=None, help="train only on molecules with this many atoms")
     a("--dequantization", type=str, default="argmax_variational", help="accepted for EDM compatibility; unused")
@@ -242,7 +243,7 @@ def fill_legacy_defaults(args: argparse.Namespace, script: str | None = None) ->
     not), and is stored as a bool.
     """
     if script is None:
-        script = "geom" if str(getattr(args, "dataset", "qm9")).lower().startswith(("geom", "drugs")) else "qm9"
+        script = dataset_family(getattr(args, "dataset", "qm9"))
     out = argparse.Namespace(**vars(args))
     out.zero_center_h = infer_zero_center_h(args)
     for key, value in vars(default_args(script)).items():
