@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from training import distributed
 from training.args import str2bool
 from training import sampling_benchmark as bench
 
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         bench.check_sample_counts(flags.n_samples, flags.batch_size_gen, flags.iteration)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    device = torch.device("cuda" if torch.cuda.is_available() and not flags.no_cuda else "cpu")
+    device = distributed.select_device(flags.no_cuda)
     run = load_run(flags.model_path, device, use_ema=flags.use_ema, datadir=flags.datadir)
     args, T = run.args, int(run.args.diffusion_steps)
     try:

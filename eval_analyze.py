@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from training import distributed
 from training.args import optional_int, str2bool
 from training.loop import sample_molecules, sampling_options, test
 
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     eval_args = build_parser().parse_args(argv)
     if eval_args.n_samples < 1 or eval_args.batch_size_gen < 1:
         raise SystemExit("--n_samples and --batch_size_gen must be >= 1")
-    device = torch.device("cuda" if torch.cuda.is_available() and not eval_args.no_cuda else "cpu")
+    device = distributed.select_device(eval_args.no_cuda)
     torch.manual_seed(eval_args.seed)
     run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema, datadir=eval_args.datadir)
     args = run.args

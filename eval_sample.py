@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from training import distributed
 from training.args import optional_int, str2bool
 from training.loop import sampling_options
 
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Path]]:
     from training.evaluate import load_run
 
     eval_args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not eval_args.no_cuda else "cpu")
+    device = distributed.select_device(eval_args.no_cuda)
     torch.manual_seed(eval_args.seed)
     run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema)
     args, info = run.args, run.dataset_info

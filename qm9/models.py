@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from configs.run_args import infer_zero_center_h
+from egnn.device_policy import normalise_group_by_size
 from egnn.models import EGNN_dynamics_QM9
 from equivariant_diffusion.distributions import DistributionNodes
 from equivariant_diffusion.en_diffusion import EnVariationalDiffusion
@@ -37,7 +38,9 @@ def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloa
     """(model, nodes_dist, prop_dist) as in EDM; ``overrides`` replace fields of ``args``.
 
     Extra fields understood (all optional): ``max_t`` (None -> T), ``zero_center_h``
-    (None -> inferred, see ``infer_zero_center_h``), ``group_by_size`` (default True).
+    (None -> inferred, see ``infer_zero_center_h``), ``group_by_size`` ('auto' (default, also for
+    runs from before the flag), 'true', 'false' or a bool; see ``egnn.device_policy``) and
+    ``compile`` (True: torch.compile the network with ``compile_backend``, default 'inductor').
     """
     if isinstance(args, dict):
         args = argparse.Namespace(**args)
@@ -78,7 +81,8 @@ def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloa
         normalization_factor=getattr(args, "normalization_factor", 1),
         aggregation_method=getattr(args, "aggregation_method", "sum"),
         zero_center_h=zero_center_h,
-        group_by_size=bool(getattr(args, "group_by_size", True)),
+        group_by_size=normalise_group_by_size(getattr(args, "group_by_size", "auto")),
+        compile_backend=(getattr(args, "compile_backend", None) or "inductor") if getattr(args, "compile", False) else None,
     )
     vdm = EnVariationalDiffusion(
         dynamics=net_dynamics,

@@ -15,6 +15,9 @@ Flags beyond EDM's:
 * ``--checkpoint_every_steps K``: also write the resume state every K training steps.
 * ``--nan_patience P``: stop after P consecutive batches with a non-finite loss or gradient.
 * ``--wandb``: turn on Weights & Biases logging (off by default; ``--no_wandb=False`` too).
+* Devices (``egnn.device_policy``): ``--group_by_size auto|true|false`` (size-grouped network
+  calls; auto = on the CPU only), ``--compile`` (torch.compile the network on the padded
+  path), ``--tf32`` (TF32 matmuls on CUDA; off by default).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Any, Sequence
 
 from configs.datasets_config import published_dataset_var
 from configs.run_args import infer_zero_center_h
+from egnn.device_policy import group_by_size_choice
 
 SCRIPTS = ("qm9", "geom")
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
@@ -189,6 +193,14 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
       help="also write the resume state every K training steps (0: only at the end of each epoch)")
     a("--nan_patience", type=int, default=20, help="stop after this many consecutive non-finite batches")
     a("--stop_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
+    # --- devices (egnn.device_policy) ---
+    a("--group_by_size", type=group_by_size_choice, default="auto",
+      help="run the network on size groups of molecules: auto (on the CPU only; one padded block on a GPU), true, false")
+    a("--compile", type=str2bool, nargs="?", const=True, default=False,
+      help="torch.compile the network on the padded (GPU) path")
+    a("--compile_backend", type=str, default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
+    a("--tf32", type=str2bool, nargs="?", const=True, default=False,
+      help="allow TF32 matmuls on CUDA (faster on Ampere+, less precise); off by default")
     return p
 
 
