@@ -269,7 +269,7 @@ def test_compiled_network_gives_the_eager_loss_and_gradients():
     from test_models import gaga_qm9_args
 
     args = gaga_qm9_args()
-    args.nf, args.n_layers, args.group_by_size = 16, 2, "false"
+    args.nf, args.n_layers, args.group_by_size = 16, 1, "false"
     info = get_dataset_info("qm9", False)
     torch.manual_seed(0)
     eager, nodes_dist, _ = get_model(args, "cpu", info, None)
@@ -291,7 +291,7 @@ def test_compiled_network_gives_the_eager_loss_and_gradients():
         outs.append(out.detach())
         grads.append([None if p.grad is None else p.grad.clone() for p in model.dynamics.parameters()])
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
-    assert sum(g is not None for g in grads[0]) > 10
+    assert sum(g is not None for g in grads[0]) > 5
     for g_compiled, g_eager in zip(grads[1], grads[0]):
         assert (g_compiled is None) == (g_eager is None)
         if g_eager is not None:
