@@ -84,8 +84,8 @@ def compile_network(fn, backend: str | None):
     """``torch.compile(fn)`` with ``backend`` ('inductor' on a GPU; 'aot_eager' compiles nothing,
     for tests), or ``fn`` itself when backend is None.
 
-    The padded size changes from batch to batch, so shapes are marked dynamic and the
-    recompile limit is raised to cover every padded size of a dataset.
+    The padded size changes from batch to batch: torch.compile makes shapes dynamic after the
+    first recompile, and the recompile limit is raised so a dataset's sizes never fall back to eager.
     """
     if not backend:
         return fn
