@@ -18,6 +18,7 @@ import torch
 from configs.errors import UserInputError, cli_errors
 from configs.flags import at_least, check_flags, compact_errors, positive
 from equivariant_diffusion.samplers import sampler_names
+from training import distributed
 from training.args import optional_int, str2bool
 
 FLAG_RULES = {
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Path]]:
     reason = unwritable_reason(out)
     if reason:
         raise UserInputError(f"{reason}: eval_sample.py writes its pictures there; copy the run folder somewhere writable")
-    device = torch.device("cuda" if torch.cuda.is_available() and not eval_args.no_cuda else "cpu")
+    device = distributed.select_device(eval_args.no_cuda)
     torch.manual_seed(eval_args.seed)
     run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema, args=args)
     written: dict[str, list[Path]] = {}

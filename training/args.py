@@ -15,6 +15,9 @@ Flags beyond EDM's:
 * ``--checkpoint_every_steps K``: also write the resume state every K training steps.
 * ``--nan_patience P``: stop after P consecutive batches with a non-finite loss or gradient.
 * ``--wandb``: turn on Weights & Biases logging (off by default; ``--no_wandb=False`` too).
+* Devices (``egnn.device_policy``): ``--group_by_size auto|true|false`` (size-grouped network
+  calls; auto = on the CPU only), ``--compile`` (torch.compile the network on the padded
+  path), ``--tf32`` (TF32 matmuls on CUDA; off by default).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from egnn.egnn_new import IMPLS as EGNN_IMPLS
 from egnn.registry import backbone_names
 from equivariant_diffusion.samplers import sampler_names
 from training.compat import warn_no_op_flags
+from egnn.device_policy import group_by_size_choice
 
 SCRIPTS = FAMILIES  # a dataset's family (configs/datasets.py) names the script whose defaults it takes
 
@@ -170,6 +174,14 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
       help="also write the resume state every K training steps (0: only at the end of each epoch)")
     a("--nan_patience", type=int, default=20, help="stop after this many consecutive non-finite batches")
     a("--stop_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
+    # --- devices (egnn.device_policy) ---
+    a("--group_by_size", type=group_by_size_choice, default="auto",
+      help="run the network on size groups of molecules: auto (on the CPU only; one padded block on a GPU), true, false")
+    a("--compile", type=str2bool, nargs="?", const=True, default=False,
+      help="torch.compile the network on the padded (GPU) path")
+    a("--compile_backend", type=str, default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
+    a("--tf32", type=str2bool, nargs="?", const=True, default=False,
+      help="allow TF32 matmuls on CUDA (faster on Ampere+, less precise); off by default")
     return p
 
 
