@@ -8,12 +8,14 @@ that put about as much time in the kernel as in the computation (issue 9). Raisi
 threshold to its maximum and keeping freed memory in the process removes it; memory is still
 reused, it is only not returned to the kernel between steps.
 
-A no-op off glibc (macOS, musl, Windows) and when mallopt refuses a value.
+A no-op off glibc (macOS, musl, Windows), when mallopt refuses a value, and when the
+environment sets ``EDM_MALLOC_TUNING=0`` (to measure or rule it out).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # mallopt parameter numbers (glibc's malloc.h).
@@ -35,7 +37,7 @@ def tune_malloc() -> dict[str, bool]:
     if _applied is not None:
         return _applied
     _applied = {}
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("EDM_MALLOC_TUNING", "1") == "0":
         return _applied
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
