@@ -77,13 +77,7 @@ def plot_gaussianity(
         ax.set_xlabel("diffusion step t")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_first_pass_histogram(counts: dict[str, int], path: str | Path, t_star_mean: float | None = None, title: str = "") -> Path:
@@ -96,6 +90,13 @@ def plot_first_pass_histogram(counts: dict[str, int], path: str | Path, t_star_m
     ax.set_ylabel("molecules")
     if t_star_mean is not None:
         ax.set_title(f"{title} (mean T* = {t_star_mean:.1f})".strip())
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, title: str = "") -> Path:
+    """Title (if any), tight layout, PNG at 120 dpi, close; returns the path."""
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

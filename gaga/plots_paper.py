@@ -10,17 +10,9 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from gaga.plots import save_figure  # noqa: E402
+
 _CONVENTION_COLOURS = {"rms": "tab:red", "variance": "tab:purple", "unbiased": "tab:blue", "per_modality": "tab:green", "given": "k"}
-
-
-def _save(fig, path: str | Path, title: str) -> Path:
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def plot_paper_evaluator(result: dict, path: str | Path, title: str = "") -> Path:
@@ -60,7 +52,7 @@ def plot_paper_evaluator(result: dict, path: str | Path, title: str = "") -> Pat
         ax.set_xlabel("diffusion step t")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path, title or f"paper evaluator: T* = {result['T_star']} (v^ {primary})")
+    return save_figure(fig, path, title or f"paper evaluator: T* = {result['T_star']} (v^ {primary})")
 
 
 def plot_t_star_vs_eps(table: pd.DataFrame, result: dict, path: str | Path, title: str = "") -> Path:
@@ -81,7 +73,7 @@ def plot_t_star_vs_eps(table: pd.DataFrame, result: dict, path: str | Path, titl
         ax.set_ylabel("first t with statistic <= eps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path, title or "T_DS and T_ID against the thresholds (T* = max of the two)")
+    return save_figure(fig, path, title or "T_DS and T_ID against the thresholds (T* = max of the two)")
 
 
 def plot_t_star_vs_size(sweep: list[dict], path: str | Path, title: str = "") -> Path:
@@ -99,7 +91,7 @@ def plot_t_star_vs_size(sweep: list[dict], path: str | Path, title: str = "") ->
     ax.set_ylabel("diffusion step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path, title or "T* against the sample size (null thresholds at each size)")
+    return save_figure(fig, path, title or "T* against the sample size (null thresholds at each size)")
 
 
 def plot_h_datasets(curves: dict[str, dict], path: str | Path, title: str = "") -> Path:
@@ -115,4 +107,4 @@ def plot_h_datasets(curves: dict[str, dict], path: str | Path, title: str = "") 
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path, title or "Gaussianity functional along the forward process")
+    return save_figure(fig, path, title or "Gaussianity functional along the forward process")
