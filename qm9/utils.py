@@ -159,3 +159,21 @@ class DistributionProperty:
     def unnormalize(self, tensor: torch.Tensor, prop: str) -> torch.Tensor:
         """Physical values (EDM units) from normalised ones."""
         return tensor * self.normalizer[prop]["mad"] + self.normalizer[prop]["mean"]
+
+
+def sweep_context(prop_dist: DistributionProperty, n_nodes: int = 19, n_frames: int = 100) -> torch.Tensor:
+    """(n_frames, P) normalised contexts from the smallest to the largest training value of each
+    property among ``n_nodes``-atom molecules (EDM's qualitative sweep). Computed with numpy's
+    linspace on float32 end points, as EDM does (float32 arithmetic with numpy >= 2)."""
+    if prop_dist.normalizer is None:
+        raise ValueError("DistributionProperty has no normaliser: call set_normalizer(compute_mean_mad(...)) first")
+    columns = []
+    for prop in prop_dist.properties:
+        by_size = prop_dist.distributions[prop]
+        if int(n_nodes) not in by_size:
+            raise ValueError(f"no training molecule has {n_nodes} atoms: cannot sweep {prop!r} for that size")
+        pmin, pmax = by_size[int(n_nodes)]["params"]
+        low = prop_dist.normalize_tensor(pmin, prop).numpy()
+        high = prop_dist.normalize_tensor(pmax, prop).numpy()
+        columns.append(torch.from_numpy(np.linspace(low, high, int(n_frames))))
+    return torch.stack(columns, dim=1)
