@@ -7,6 +7,7 @@ import torch
 
 from configs.datasets_config import get_dataset_info
 from qm9.data.collate import make_dataloader
+from qm9.data.halves import QM9_HALVES, load_qm9_half
 from qm9.data.qm9 import SPLITS, load_qm9
 
 
@@ -17,7 +18,9 @@ def retrieve_dataloaders(args: argparse.Namespace):
     args.filter_n_atoms (and, for GEOM, its own fields; see qm9.data.geom).
     """
     dataset = str(getattr(args, "dataset", "qm9")).lower()
-    get_dataset_info(dataset, getattr(args, "remove_h", False))  # validates the name with a clear error
+    halves = dataset in QM9_HALVES  # EDM's qm9_first_half / qm9_second_half (conditional generation)
+    if not halves:
+        get_dataset_info(dataset, getattr(args, "remove_h", False))  # validates the name with a clear error
     if dataset.startswith("geom") or dataset == "drugs":
         from qm9.data.geom import retrieve_geom_dataloaders
 
@@ -30,7 +33,10 @@ def retrieve_dataloaders(args: argparse.Namespace):
     seed = getattr(args, "data_seed", None)
     loaders = {}
     for split in SPLITS:
-        arrays = load_qm9(datadir, split, remove_h=remove_h, filter_n_atoms=filter_n_atoms)
+        if halves:
+            arrays = load_qm9_half(datadir, dataset, split, remove_h=remove_h, filter_n_atoms=filter_n_atoms)
+        else:
+            arrays = load_qm9(datadir, split, remove_h=remove_h, filter_n_atoms=filter_n_atoms)
         loaders[split] = make_dataloader(
             arrays, batch_size=batch_size, shuffle=(split == "train"), num_workers=num_workers, seed=seed
         )

@@ -3,6 +3,7 @@ DistributionProperty, checked bit for bit against fixture_edm_conditional_small.
 fixture_property_classifier_small.pt (edm_conditional.md §1)."""
 from __future__ import annotations
 
+import argparse
 import functools
 
 import numpy as np
@@ -156,3 +157,21 @@ def test_distribution_property_histograms_and_seeded_draws_equal_edm(halves, val
     assert torch.equal(alpha_only.unnormalize(context.squeeze(1), "alpha"), edm["label"])
     with pytest.raises(ValueError, match="28 atoms"):
         alpha_only.sample(28)
+
+
+def test_retrieve_dataloaders_serves_the_halves(qm9_datadir):
+    from qm9.dataset import retrieve_dataloaders
+    from qm9.models import get_model
+
+    args = argparse.Namespace(dataset="qm9_second_half", datadir=str(qm9_datadir), batch_size=32, num_workers=0,
+                              remove_h=False, filter_n_atoms=None)
+    loaders, _ = retrieve_dataloaders(args)
+    assert len(loaders["train"].dataset) == 50000 and len(loaders["valid"].dataset) == qm9data.N_VALID
+    assert "alpha" in next(iter(loaders["train"]))
+    norms = compute_mean_mad(loaders, ["alpha"], "qm9_second_half")
+    assert torch.equal(norms["alpha"]["mad"], fixture("edm_conditional")["property_norms"]["alpha"]["mad"])
+    # get_model builds p(c | N) from the generator's training loader, as EDM does.
+    run = argparse.Namespace(**{**fixture("edm_conditional")["config"]["args"], "conditioning": ["alpha"], "context_node_nf": 1})
+    _, _, prop_dist = get_model(run, "cpu", half_dataset_info("qm9_second_half"), loaders["train"])
+    ref = fixture("edm_conditional")["prop_dist"]["alpha"]
+    assert torch.equal(prop_dist.distributions["alpha"][29]["probs"], ref["probs"][-1])
