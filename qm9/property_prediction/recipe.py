@@ -8,6 +8,8 @@ import warnings
 import torch
 from torch import nn
 
+from qm9.property_prediction.models_property import classifier_inputs
+
 
 def normalised_l1(pred: torch.Tensor, label: torch.Tensor, mean: torch.Tensor, mad: torch.Tensor) -> torch.Tensor:
     """Training loss: mean |pred - (label - mean) / MAD| over the batch (normalised units)."""
@@ -36,3 +38,38 @@ def start_epoch(scheduler) -> float:
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
         scheduler.step()
     return scheduler.get_last_lr()[0]
+
+
+def train_epoch(model: nn.Module, loader, optimizer, prop: str, mean: torch.Tensor, mad: torch.Tensor,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """One epoch of EDM's classifier training (one Adam step per batch on the normalised L1);
+    returns the epoch's mean normalised L1 (batches weighted by size). The caller steps the
+    scheduler first (``start_epoch``), as EDM does."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        label = batch[prop].to(device, dtype)
+        optimizer.zero_grad()
+        loss = normalised_l1(model(**classifier_inputs(batch, device, dtype)), label, mean, mad)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(label)
+        count += len(label)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_mae(model: nn.Module, loader, prop: str, mean: torch.Tensor, mad: torch.Tensor,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Mean |MAD * pred + mean - label| over every molecule of ``loader`` (EDM units), as EDM's
+    ``test``: per-batch means weighted by batch size."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        label = batch[prop].to(device, dtype)
+        pred = model(**classifier_inputs(batch, device, dtype))
+        total += physical_mae(pred, label, mean, mad).item() * len(label)
+        count += len(label)
+    if count == 0:
+        raise ValueError("evaluate_mae got an empty loader")
+    return total / count
