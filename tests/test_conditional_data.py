@@ -67,12 +67,13 @@ def test_half_permutation_leaves_numpy_global_rng_alone():
         half_rows("qm9_third_half")
 
 
-def test_half_dataset_info_keeps_edm_key_order_and_refuses_the_first_half():
+def test_half_dataset_info_keeps_edm_key_order(halves):
     info = half_dataset_info("qm9_second_half")
     assert list(info["n_nodes"]) == fixture("edm_conditional")["config"]["n_nodes_histogram_key_order"]
     assert info["atom_decoder"] == ["H", "C", "N", "O", "F"] and info["max_n_nodes"] == 29
-    with pytest.raises(ValueError, match="qm9_second_half"):
-        half_dataset_info("qm9_first_half")
+    assert half_dataset_info("qm9_first_half")["n_nodes"] == histogram(halves["qm9_first_half"]["num_atoms"])
+    with pytest.raises(ValueError, match="hydrogens only"):
+        half_dataset_info("qm9_second_half", remove_h=True)
 
 
 def test_property_values_are_edm_values(qm9_datadir):
@@ -160,12 +161,22 @@ def test_distribution_property_histograms_and_seeded_draws_equal_edm(halves, val
 
 
 def test_retrieve_dataloaders_serves_the_halves(qm9_datadir):
+    from configs.datasets import find_dataset, unregister_dataset
+    from qm9.data.halves import register_qm9_halves
     from qm9.dataset import retrieve_dataloaders
     from qm9.models import get_model
 
     args = argparse.Namespace(dataset="qm9_second_half", datadir=str(qm9_datadir), batch_size=32, num_workers=0,
                               remove_h=False, filter_n_atoms=None)
-    loaders, _ = retrieve_dataloaders(args)
+    assert find_dataset("qm9_second_half") is None  # not a built-in yet
+    register_qm9_halves()
+    try:
+        loaders, charge_scale = retrieve_dataloaders(args)
+        first, _ = retrieve_dataloaders(argparse.Namespace(**{**vars(args), "dataset": "qm9_first_half"}))
+    finally:
+        for name in ("qm9_first_half", "qm9_second_half"):
+            unregister_dataset(name)
+    assert int(charge_scale) == 9 and len(first["train"].dataset) == 50000
     assert len(loaders["train"].dataset) == 50000 and len(loaders["valid"].dataset) == qm9data.N_VALID
     assert "alpha" in next(iter(loaders["train"]))
     norms = compute_mean_mad(loaders, ["alpha"], "qm9_second_half")

@@ -6,8 +6,8 @@ permutation are ``qm9_first_half`` and the rest ``qm9_second_half``, each kept i
 order. Valid and test are not halved. The conditional generator trains on the second half;
 the property classifier trains on the first half and is tested on the second.
 
-The dataset names live here (``QM9_HALVES``, ``half_dataset_info``) until the dataset registry
-(configs/datasets.py) takes them over.
+The dataset names live here (``QM9_HALVES``, ``qm9_half_entries``): ``register_qm9_halves()``
+adds them to the dataset registry (configs/datasets.py).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from configs.datasets import DatasetEntry, find_dataset, register_dataset
 from configs.datasets_config import get_dataset_info
 from qm9.data.qm9 import N_TRAIN, SPLITS, load_qm9
 
@@ -68,18 +69,59 @@ def load_qm9_half(
     return arrays
 
 
-def half_dataset_info(dataset: str, remove_h: bool = False) -> dict:
-    """EDM's ``get_dataset_info('qm9_second_half')``: QM9's facts with the second half's size histogram.
+def _half_n_nodes(dataset: str) -> dict[int, int]:
+    if dataset == "qm9_second_half":
+        return dict(QM9_SECOND_HALF_N_NODES)
+    # The first half is the rest of the train split (EDM defines no histogram for it; this one
+    # is checked against the data in tests/test_conditional_data.py).
+    full = get_dataset_info("qm9", False)["n_nodes"]
+    rest = {n: full[n] - QM9_SECOND_HALF_N_NODES.get(n, 0) for n in full}
+    return {n: c for n, c in rest.items() if c > 0}
 
-    Like EDM, only the second half (with hydrogens) has one: the first half is the property
-    classifier's training set and cannot train a generator.
-    """
-    if dataset != "qm9_second_half" or remove_h:
-        raise ValueError(
-            f"no generator dataset info for {dataset!r}{' without hydrogens' if remove_h else ''}: "
-            "conditional generators train on qm9_second_half with hydrogens"
-        )
+
+def half_dataset_info(dataset: str, remove_h: bool = False) -> dict:
+    """EDM's ``get_dataset_info('qm9_second_half')`` (QM9's facts with the half's size histogram),
+    and the same for the first half. Halves exist with hydrogens only (as in EDM)."""
+    if dataset not in QM9_HALVES:
+        raise ValueError(f"unknown QM9 half {dataset!r}; choose one of: {', '.join(QM9_HALVES)}")
+    if remove_h:
+        raise ValueError(f"{dataset} exists with hydrogens only (EDM's conditional setting); drop --remove_h")
     info = get_dataset_info("qm9", False)
-    info["name"] = "qm9_second_half"
-    info["n_nodes"] = dict(QM9_SECOND_HALF_N_NODES)
+    info["name"] = dataset
+    info["n_nodes"] = _half_n_nodes(dataset)
     return info
+
+
+def load_first_half(datadir, split, remove_h=False, filter_n_atoms=None, progress=True) -> dict[str, np.ndarray]:
+    """``load_qm9_half`` for qm9_first_half, with the dataset registry's split_arrays signature."""
+    return load_qm9_half(datadir, "qm9_first_half", split, remove_h, filter_n_atoms, progress)
+
+
+def load_second_half(datadir, split, remove_h=False, filter_n_atoms=None, progress=True) -> dict[str, np.ndarray]:
+    """``load_qm9_half`` for qm9_second_half, with the dataset registry's split_arrays signature."""
+    return load_qm9_half(datadir, "qm9_second_half", split, remove_h, filter_n_atoms, progress)
+
+
+def qm9_half_entries() -> tuple[DatasetEntry, ...]:
+    """Registry entries of the two halves (configs/datasets.py), ready to register.
+
+    Not registered by default yet: the built-in registry (and its tests) list qm9 and geom
+    only; ``register_qm9_halves`` adds them (the conditional CLI will, or configs/datasets.py
+    once the halves become built-ins). GAGA's v and T* are properties of QM9's data, so the
+    halves carry QM9's published values.
+    """
+    return tuple(
+        DatasetEntry(
+            name=name, family="qm9", info={False: half_dataset_info(name)}, chain_n_nodes=19,
+            split_arrays=f"qm9.data.halves:{loader}", default_datadir="qm9/temp",
+            published_var=0.848, published_t_star=550,
+        )
+        for name, loader in (("qm9_first_half", "load_first_half"), ("qm9_second_half", "load_second_half"))
+    )
+
+
+def register_qm9_halves() -> None:
+    """Make --dataset qm9_first_half / qm9_second_half known to every registry consumer."""
+    for entry in qm9_half_entries():
+        if find_dataset(entry.name) is None:
+            register_dataset(entry)
