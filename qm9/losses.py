@@ -6,9 +6,12 @@ centred the one-hot in training but not in evaluation).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from equivariant_diffusion.utils import assert_correctly_masked, assert_mean_zero_with_mask, remove_mean_with_mask
+from qm9.utils import prepare_context
 
 
 def preprocess_batch(
@@ -17,12 +20,16 @@ def preprocess_batch(
     dtype: torch.dtype,
     include_charges: bool,
     zero_center_h: bool,
+    conditioning: Sequence[str] = (),
+    property_norms=None,
 ):
     """(x, h, node_mask, edge_mask, context) from EDM's batch dict, as the training loop builds them.
 
     data: positions (B,N,3), one_hot (B,N,C) bool, charges (B,N) or (B,N,1), atom_mask (B,N),
     edge_mask (B*N*N,1). x is centred per molecule; the one-hot too iff zero_center_h (GAGA);
     h['integer'] is the charges (B,N,1) if include_charges else an empty tensor.
+    With ``conditioning`` (property names) the context is the batch's true values normalised by
+    ``property_norms`` (``qm9.utils.prepare_context``), (B,N,P); otherwise None.
     """
     x = data["positions"].to(device, dtype)
     node_mask = data["atom_mask"].to(device, dtype).unsqueeze(2)
@@ -44,7 +51,11 @@ def preprocess_batch(
         assert_correctly_masked(charges, node_mask)
     assert_mean_zero_with_mask(x, node_mask)
     h = {"categorical": one_hot, "integer": charges}
-    return x, h, node_mask, edge_mask, None
+    context = None
+    if conditioning:
+        context = prepare_context(list(conditioning), data, property_norms).to(device, dtype)
+        assert_correctly_masked(context, node_mask)
+    return x, h, node_mask, edge_mask, context
 
 
 def pad_to_atoms(x, h, node_mask, edge_mask, n_atoms: int):

@@ -19,6 +19,7 @@ from configs.run_args import infer_zero_center_h
 from egnn.registry import BackboneSpec, build_backbone
 from equivariant_diffusion.distributions import DistributionNodes
 from equivariant_diffusion.en_diffusion import EnVariationalDiffusion
+from qm9.utils import DistributionProperty
 
 
 def _with_overrides(args: Any, overrides: dict[str, Any]) -> Any:
@@ -39,14 +40,21 @@ def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloa
     runs from before the flag), 'true', 'false' or a bool; see ``egnn.device_policy``),
     ``compile`` (True: torch.compile the network with ``compile_backend``, default 'inductor') and
     ``egnn_impl`` ('fast' default, or 'reference').
+    With ``args.conditioning`` (property names), the network gets one context channel per
+    property and ``prop_dist`` is a ``DistributionProperty`` built from ``dataloader_train``
+    (None without a loader: the model then trains and scores given contexts but cannot draw them).
     """
     if isinstance(args, dict):
         args = argparse.Namespace(**args)
     args = _with_overrides(args, overrides)
-    if getattr(args, "conditioning", None):
+    conditioning = list(getattr(args, "conditioning", None) or [])
+    context_node_nf = int(getattr(args, "context_node_nf", 0) or 0)
+    if conditioning and not context_node_nf:
+        context_node_nf = len(conditioning)  # EDM stores it in args; older namespaces may lack it
+    if context_node_nf != len(conditioning):
         raise ValueError(
-            f"conditioning on properties {list(args.conditioning)} is not supported by this re-implementation; "
-            "train and sample without --conditioning"
+            f"context_node_nf = {context_node_nf} does not match the {len(conditioning)} conditioning "
+            f"propert{'y' if len(conditioning) == 1 else 'ies'} {conditioning}; one context channel per property"
         )
     probabilistic_model = getattr(args, "probabilistic_model", "diffusion")
     if probabilistic_model != "diffusion":
@@ -57,10 +65,13 @@ def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloa
     in_node_nf = len(dataset_info["atom_decoder"]) + int(include_charges)
     nodes_dist = DistributionNodes(histogram)
     prop_dist = None
+    if conditioning and dataloader_train is not None:
+        # p(c | N) from the generator's training split; the caller attaches mean/MAD (set_normalizer).
+        prop_dist = DistributionProperty(dataloader_train, conditioning)
 
     spec = BackboneSpec(
         in_node_nf=in_node_nf,
-        context_node_nf=int(getattr(args, "context_node_nf", 0) or 0),
+        context_node_nf=context_node_nf,
         n_dims=3,
         condition_time=bool(getattr(args, "condition_time", True)),
         device=device,

@@ -23,6 +23,33 @@ def masks_from_sizes(n_nodes: torch.Tensor, max_n_nodes: int, device) -> tuple[t
     return node_mask.unsqueeze(2).to(device), edge_mask.view(bs * max_n_nodes * max_n_nodes, 1).to(device)
 
 
+def node_context(args, prop_dist, nodesxsample: torch.Tensor, context, node_mask: torch.Tensor):
+    """The (B, N, P) context a conditional model is sampled with, or None for an unconditional one.
+
+    ``context``: per-molecule normalised values (B, P), or already per node (B, N, P); None
+    draws them from ``prop_dist`` (p(c | N), EDM's rule). Padding slots get 0.
+    """
+    n_context = int(getattr(args, "context_node_nf", 0) or 0)
+    if not n_context:
+        if context is not None:
+            raise ValueError("this model is not conditional (context_node_nf = 0): sample it without a context")
+        return None
+    bs, n_nodes, _ = node_mask.shape
+    if context is None:
+        if prop_dist is None:
+            raise ValueError("a conditional model needs property values: pass a context or the run's DistributionProperty")
+        context = prop_dist.sample_batch(nodesxsample)
+    context = torch.as_tensor(context, dtype=node_mask.dtype).to(node_mask.device)
+    if context.dim() == 2 and context.shape == (bs, n_context):
+        context = context.unsqueeze(1).expand(bs, n_nodes, n_context)
+    if context.shape != (bs, n_nodes, n_context):
+        raise ValueError(
+            f"context has shape {tuple(context.shape)}; expected ({bs}, {n_context}) normalised property values "
+            f"per molecule (or ({bs}, {n_nodes}, {n_context}) per node)"
+        )
+    return context * node_mask
+
+
 def sample(
     args,
     device,
@@ -40,6 +67,9 @@ def sample(
     """(one_hot (B,N,C), charges (B,N,1) or (B,N,0), x (B,N,3), node_mask (B,N,1)) for the
     atom counts ``nodesxsample``; N = dataset_info['max_n_nodes'].
 
+    Conditional models (args.context_node_nf > 0) take ``context``, normalised property values
+    (B, P), or draw them from ``prop_dist`` (see ``node_context``).
+
     start_step/dataset_var/step_size/sampler: GAGA's Gaussian start and strided or DDIM
     chains (see ``EnVariationalDiffusion.sample``); the defaults are EDM's full chain.
     """
@@ -49,13 +79,12 @@ def sample(
         raise ValueError("nodesxsample is empty: ask for at least one molecule")
     if int(nodesxsample.max()) > max_n_nodes or int(nodesxsample.min()) < 1:
         raise ValueError(f"atom counts must be in [1, {max_n_nodes}], got {nodesxsample.tolist()}")
-    if getattr(args, "context_node_nf", 0):
-        raise ValueError("conditional sampling (context_node_nf > 0) is not supported")
     batch_size = len(nodesxsample)
     node_mask, edge_mask = masks_from_sizes(nodesxsample, max_n_nodes, device)
+    context = node_context(args, prop_dist, nodesxsample, context, node_mask)
 
     x, h = generative_model.sample(
-        batch_size, max_n_nodes, node_mask, edge_mask, None, fix_noise=fix_noise,
+        batch_size, max_n_nodes, node_mask, edge_mask, context, fix_noise=fix_noise,
         start_step=start_step, dataset_var=dataset_var, step_size=step_size, sampler=sampler,
     )
     assert_correctly_masked(x, node_mask)
@@ -91,16 +120,16 @@ def sample_chain(
 
     if n_nodes is None:
         n_nodes = dataset_entry(getattr(args, "dataset", "qm9")).chain_n_nodes  # EDM: QM9 19, GEOM 44
-    if getattr(args, "context_node_nf", 0):
-        raise ValueError("conditional sampling (context_node_nf > 0) is not supported")
     num_classes = len(dataset_info["atom_decoder"])
     n_steps = (start_step if start_step is not None else flow.T) // max(int(step_size), 1)
     keep_frames = max(1, min(keep_frames, n_steps))  # a short chain has fewer frames
     node_mask, edge_mask = masks_from_sizes(torch.tensor([n_nodes]), n_nodes, device)
+    # A conditional model's chain uses one property draw for the molecule, on every atom.
+    context = node_context(args, prop_dist, torch.tensor([n_nodes]), None, node_mask)
     one_hot = charges = x = None
     for i in range(n_tries):
         chain = flow.sample_chain(
-            1, n_nodes, node_mask, edge_mask, None, keep_frames=keep_frames,
+            1, n_nodes, node_mask, edge_mask, context, keep_frames=keep_frames,
             start_step=start_step, dataset_var=dataset_var, step_size=step_size, sampler=sampler,
         )
         chain = torch.flip(chain, dims=[0])  # noise first, final molecule last
@@ -118,3 +147,19 @@ def sample_chain(
         if i == n_tries - 1:
             print("Did not find stable molecule, showing last sample.")
     return one_hot, charges, x
+
+
+def sample_sweep_conditional(
+    args, device, generative_model, dataset_info: dict, prop_dist, n_nodes: int = 19, n_frames: int = 100, **options
+):
+    """EDM's qualitative sweep: ``n_frames`` molecules of ``n_nodes`` atoms whose conditioning
+    values run from the smallest to the largest training value (``qm9.utils.sweep_context``),
+    sampled with one noise draw shared by all frames (``fix_noise``), so frames differ only by
+    the context. Returns what ``sample`` returns; ``options`` go to ``sample`` (GAGA's start,
+    strides, DDIM)."""
+    from qm9.utils import sweep_context
+
+    context = sweep_context(prop_dist, n_nodes, n_frames)
+    nodesxsample = torch.full((int(n_frames),), int(n_nodes), dtype=torch.long)
+    return sample(args, device, generative_model, dataset_info, prop_dist, nodesxsample, context=context,
+                  fix_noise=True, **options)

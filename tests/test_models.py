@@ -139,9 +139,12 @@ def test_gaga_mode_is_recorded_or_inferred_from_max_t():
     assert not model.zero_center_h and model.max_t == 550
 
 
-def test_conditioning_is_refused_with_a_clear_message():
-    with pytest.raises(ValueError, match="conditioning"):
-        get_model(ef.args_of("edm", conditioning=["alpha"]), "cpu", get_dataset_info("qm9", False), None)
+def test_context_width_must_match_the_conditioning_properties():
+    # Conditional models themselves are tested in test_conditional_model.py.
+    with pytest.raises(ValueError, match="one context channel per property"):
+        get_model(ef.args_of("edm", conditioning=["alpha"], context_node_nf=2), "cpu", get_dataset_info("qm9", False), None)
+    with pytest.raises(ValueError, match="one context channel per property"):
+        get_model(ef.args_of("edm", conditioning=[], context_node_nf=1), "cpu", get_dataset_info("qm9", False), None)
 
 
 def test_atom_count_distribution_matches_reference_log_probabilities():

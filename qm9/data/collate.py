@@ -53,6 +53,9 @@ class PaddedMoleculeDataset(torch.utils.data.Dataset):
 
     def __init__(self, arrays: dict[str, np.ndarray]):
         self.arrays = arrays
+        self.property_keys = [
+            k for k, v in arrays.items() if k not in ("num_atoms", "index") and v.ndim == 1 and v.dtype.kind == "f"
+        ]
 
     def __len__(self) -> int:
         return len(self.arrays["num_atoms"])
@@ -60,7 +63,11 @@ class PaddedMoleculeDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices) -> dict[str, torch.Tensor]:
         rows = np.asarray(indices, dtype=np.int64)
         a = self.arrays
-        return make_batch(a["positions"][rows], a["charges"][rows], a["one_hot"][rows], a["num_atoms"][rows], a["index"][rows])
+        batch = make_batch(a["positions"][rows], a["charges"][rows], a["one_hot"][rows], a["num_atoms"][rows], a["index"][rows])
+        # Per-molecule float properties (QM9's alpha, gap, ...) ride along, as in EDM's batches.
+        for key in self.property_keys:
+            batch[key] = torch.as_tensor(a[key][rows])
+        return batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([i])

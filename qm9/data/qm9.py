@@ -18,7 +18,8 @@ from tqdm import tqdm
 from configs.errors import DataError, EnvironmentProblem
 from qm9.data.cache import CacheError, load_arrays, file_sha1, manifest_matches, save_arrays, write_manifest
 
-CACHE_VERSION = 1
+# Version 2 adds the property columns (alpha, gap, homo, lumo, mu, Cv in EDM's units).
+CACHE_VERSION = 2
 N_MOLECULES = 130831
 N_TRAIN, N_VALID, N_TEST = 100000, 17748, 13083
 MAX_ATOMS = 29
@@ -28,6 +29,25 @@ CHARGES_WITH_H = np.array([1, 6, 7, 8, 9])
 CHARGES_WITHOUT_H = np.array([6, 7, 8, 9])
 _SYMBOL_TO_Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
 _CSV_PARTS = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
+
+# The conditioning properties, in EDM's units (edm_conditional.md §1.1): qm9pack column,
+# float32 unit factor (Hartree -> eV) or None, and whether QM9's per-element reference
+# (atomref; 2.981 cal/(mol K) per atom for Cv) is subtracted (EDM's subtract_thermo).
+PROPERTIES = ("alpha", "gap", "homo", "lumo", "mu", "Cv")
+HARTREE_TO_EV = 27.2114
+CV_ATOMREF = 2.981
+_PROPERTY_COLUMNS = {
+    "alpha": ("Polarizability_bohr3", None, False),
+    "gap": ("HOMO_LUMO_gap_au", HARTREE_TO_EV, False),
+    "homo": ("HOMO_au", HARTREE_TO_EV, False),
+    "lumo": ("LUMO_au", HARTREE_TO_EV, False),
+    "mu": ("Dipole_debye", None, False),
+    "Cv": ("Heatcapacity_Cv_cal_mol_K", None, True),
+}
+PROPERTY_UNITS = {
+    "alpha": "Bohr^3", "gap": "eV", "homo": "eV", "lumo": "eV", "mu": "Debye",
+    "Cv": "cal/(mol K) minus 2.981 per atom",
+}
 
 
 def edm_split_indices() -> dict[str, np.ndarray]:
@@ -62,7 +82,8 @@ def _source_description(folder: Path) -> dict:
 
 
 def parse_qm9pack(folder: Path | None = None, progress: bool = True) -> dict[str, np.ndarray]:
-    """All 130,831 molecules in QM9 index order as padded arrays (positions, charges, num_atoms, index)."""
+    """All 130,831 molecules in QM9 index order as padded arrays (positions, charges, num_atoms,
+    index) and the properties of ``PROPERTIES`` (float32, EDM's units)."""
     import pandas as pd
 
     folder = folder or qm9pack_data_dir()
@@ -70,7 +91,11 @@ def parse_qm9pack(folder: Path | None = None, progress: bool = True) -> dict[str
     for part in tqdm(_CSV_PARTS, desc="reading qm9pack CSVs", disable=not progress, leave=False):
         path = folder / part
         try:
-            frames.append(pd.read_csv(path, usecols=["Index", "N_atoms", "Elements", "XYZ_Ang"]))
+            # round_trip: the correctly rounded parse, as EDM's Python float().
+            frames.append(pd.read_csv(
+                path, usecols=["Index", "N_atoms", "Elements", "XYZ_Ang"] + [c for c, _, _ in _PROPERTY_COLUMNS.values()],
+                float_precision="round_trip",
+            ))
         except Exception as e:  # noqa: BLE001 - any parse failure means a broken install
             raise DataError(f"cannot read {path} ({e}); reinstall qm9pack with `pip install --force-reinstall qm9pack`.") from None
     table = pd.concat(frames, ignore_index=True).sort_values("Index", kind="stable")
@@ -96,12 +121,37 @@ def parse_qm9pack(folder: Path | None = None, progress: bool = True) -> dict[str
     charges = np.zeros((N_MOLECULES, MAX_ATOMS), dtype=np.uint8)
     positions[mol_of_atom, slot] = flat_xyz.astype(np.float32)
     charges[mol_of_atom, slot] = flat_z
-    return {
+    out = {
         "positions": positions,
         "charges": charges,
         "num_atoms": num_atoms.astype(np.int16),
         "index": table["Index"].to_numpy(np.int32),
     }
+    out.update(edm_properties(table, charges))
+    return out
+
+
+def edm_properties(table, charges: np.ndarray) -> dict[str, np.ndarray]:
+    """The properties as EDM holds them: float32 parse, float32 minus float32(thermo), float32 unit factor.
+
+    thermo is accumulated in float64 over the elements in QM9's atomref order (H, C, N, O, F),
+    starting from 0.0, as EDM's npz builder does; for Cv every element's reference is 2.981.
+    """
+    counts = np.stack([(charges == z).sum(1) for z in CHARGES_WITH_H], axis=1)
+    thermo = np.zeros(len(charges), dtype=np.float64)
+    for k in range(counts.shape[1]):
+        thermo = thermo + CV_ATOMREF * counts[:, k]
+    out = {}
+    for name, (column, factor, subtract_thermo) in _PROPERTY_COLUMNS.items():
+        values = table[column].to_numpy(np.float64).astype(np.float32)
+        if np.isnan(values).any():
+            raise DataError(f"qm9pack column {column} has missing values; reinstall qm9pack with `pip install --force-reinstall qm9pack`.")
+        if subtract_thermo:
+            values = values - thermo.astype(np.float32)
+        if factor is not None:
+            values = values * np.float32(factor)
+        out[name] = values.astype(np.float32)
+    return out
 
 
 def _cache_dir(datadir: str | os.PathLike) -> Path:
@@ -179,7 +229,8 @@ def load_qm9(
     Returns positions (M, 29, 3) float32 (Angstrom, file atom order; 9 slots without H),
     charges (M, 29) int64 (atomic numbers, 0 = padding), one_hot (M, 29, 5) bool over
     [H, C, N, O, F] ([C, N, O, F] with ``remove_h``), num_atoms (M,) int64, index (M,) int64
-    (the QM9 index). ``filter_n_atoms`` keeps only molecules with exactly that many atoms.
+    (the QM9 index), and one float32 (M,) array per property of ``PROPERTIES`` (EDM's units).
+    ``filter_n_atoms`` keeps only molecules with exactly that many atoms.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -198,6 +249,7 @@ def load_qm9(
         "num_atoms": arrays["num_atoms"].astype(np.int64),
         "index": arrays["index"].astype(np.int64),
     }
+    out.update({name: arrays[name].astype(np.float32, copy=False) for name in PROPERTIES})
     out["one_hot"] = one_hot_from_charges(out["charges"], remove_h)
     if filter_n_atoms is not None:
         keep = out["num_atoms"] == int(filter_n_atoms)
