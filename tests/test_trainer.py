@@ -112,3 +112,26 @@ def test_loop_train_epoch_is_a_front_end_of_the_trainer(tmp_path, qm9_datadir):
     assert all(torch.equal(p, q) for p, q in zip(first.model.parameters(), second.model.parameters()))
     assert all(torch.equal(p, q) for p, q in zip(first.model_ema.parameters(), second.model_ema.parameters()))
     assert logged[-1] == {"Train Epoch NLL": nll_second}
+
+
+def test_a_trainer_subclass_changes_the_training_t_schedule_and_not_the_evaluation(tmp_path, qm9_datadir):
+    """train_t_sampler replaces the training draw of t; the validation/test NLL still draws t uniformly."""
+    drawn: list[torch.Tensor] = []
+
+    class EarlyT(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.diffusion.train_t_sampler = self.draw
+
+        @staticmethod
+        def draw(n, max_t, device):
+            t = torch.randint(0, 3, (n, 1), device=device)  # only the three least noisy steps
+            drawn.append(t)
+            return t
+
+    summary = main(tiny_argv(tmp_path, qm9_datadir, "early", "--n_epochs", "1"), trainer_cls=EarlyT)
+    assert len(drawn) == 2 and all(t.shape == (16, 1) and int(t.max()) <= 2 for t in drawn)  # 2 training batches
+    # Validation and test ran (finite NLLs) after the epoch without asking the baseline's sampler.
+    assert summary["nll_val"] == summary["nll_val"] and summary["nll_test"] == summary["nll_test"]
+    assert summary["model"].train_t_sampler is not None
+

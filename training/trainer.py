@@ -8,9 +8,9 @@ guard, EMA, clipping, checkpoints, metrics.jsonl) as they are.
   edge_mask, context)`` as ``qm9.losses.preprocess_batch`` builds it (centred, augmented, padded
   under DDP); the optimiser minimises ``nll + args.ode_regularization * reg_term.sum()``, ``nll``
   is the reported training NLL. Validation and test keep EDM's NLL (``training.loop.test``).
-* **A new t-schedule**: the training t is drawn by the diffusion model
-  (``EnVariationalDiffusion.compute_loss``); a ``loss`` override can call
-  ``self.diffusion.compute_loss`` its own way, or subclass the diffusion and draw t there.
+* **A new t-schedule**: set ``self.diffusion.train_t_sampler = fn`` in ``__init__``, where
+  ``fn(n, max_t, device)`` returns the (n, 1) integer steps in {0..max_t} of a training batch
+  (default None: EDM's uniform draw). Evaluation keeps the uniform draw its NLL estimator needs.
 * **A learning-rate or other schedule**: override ``build_optimizer``, or ``after_step`` (called
   after every optimiser step that was taken).
 
