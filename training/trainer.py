@@ -12,10 +12,11 @@ guard, EMA, clipping, checkpoints, metrics.jsonl) as they are.
   ``fn(n, max_t, device)`` returns the (n, 1) integer steps in {0..max_t} of a training batch
   (default None: EDM's uniform draw). Evaluation keeps the uniform draw its NLL estimator needs.
 * **A learning-rate or other schedule**: override ``build_optimizer``, or ``after_step`` (called
-  after every optimiser step that was taken).
+  after every optimiser step that was taken); derive it from ``self.state.global_step`` so that a
+  resumed run continues it exactly (only the state, model, EMA, optimiser, queue and RNG are saved).
 
 Then train with ``training.run.main(argv, trainer_cls=MyTrainer)`` (or ``train(..., trainer_cls=)``).
-``tests/test_training.py`` trains a subclass with a modified loss. Keep a loss free of ``.item()``
+``tests/test_trainer.py`` trains subclasses with a modified loss and t-schedule. Keep a loss free of ``.item()``
 and other host syncs: the loop syncs once per step (the finiteness check) and the accelerator
 tests count that.
 """
@@ -260,11 +261,14 @@ class Trainer:
             self.optim.zero_grad(set_to_none=True)
             loop._count_nan_batch(args, state, epoch, i, ctx)
         if ctx.is_main and i % max(args.n_report_steps, 1) == 0:
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.3f}", nll=f"{nll.item():.3f}", grad=f"{grad_norm:.1f}",
-                                refresh=False)
-            self.log({"Batch NLL": nll.item()})
+            self._report_step(bar, loss, nll, grad_norm)
         return nll_value
+
+    def _report_step(self, bar, loss: torch.Tensor, nll: torch.Tensor, grad_norm: float) -> None:
+        """The progress bar and the logger, every --n_report_steps batches (rank 0; host syncs)."""
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}", nll=f"{nll.item():.3f}", grad=f"{grad_norm:.1f}", refresh=False)
+        self.log({"Batch NLL": nll.item()})
 
     def _after_batch(self, epoch: int, i: int, last_of_epoch: bool) -> bool:
         """Pictures, the mid-epoch resume state, the --stop_after_steps hook; True ends the epoch early."""
