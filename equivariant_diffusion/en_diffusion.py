@@ -7,6 +7,7 @@ GAGA is a set of switches on the same class, not a second class:
 
 * ``max_t``: training draws t uniformly from {0..max_t} (eval: {1..max_t}) and the evaluation
   estimator multiplies by max_t; the schedule keeps T steps and t is still t_int / T.
+  (A baseline replaces the training draw with ``train_t_sampler``, see ``__init__``.)
 * ``zero_center_h``: the feature noise, the network's feature output and every sampling step
   are centred per molecule like the positions (the data's one-hot must be centred by the
   caller, see ``qm9.losses.preprocess_batch``).
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -113,6 +115,9 @@ class EnVariationalDiffusion(nn.Module):
         self.max_t = int(max_t) if max_t is not None else timesteps
         self.zero_center_h = bool(zero_center_h)
         self.register_buffer("buffer", torch.zeros(1))
+        # A baseline's training t-schedule: fn(n, max_t, device) -> (n, 1) integer steps in {0..max_t};
+        # None is EDM's uniform draw. Evaluation always draws uniformly (the NLL estimator assumes it).
+        self.train_t_sampler: Callable[[int, int, torch.device], torch.Tensor] | None = None
         if noise_schedule != "learned":  # EDM skips it: sigma_0 of the initial learned schedule fails it
             self.check_issues_norm_values()
 
@@ -342,7 +347,10 @@ class EnVariationalDiffusion(nn.Module):
         from a second noise draw (the VLB estimator).
         """
         lowest_t = 1 if t0_always else 0
-        t_int = torch.randint(lowest_t, self.max_t + 1, size=(x.size(0), 1), device=x.device).float()
+        if t0_always or self.train_t_sampler is None:
+            t_int = torch.randint(lowest_t, self.max_t + 1, size=(x.size(0), 1), device=x.device).float()
+        else:
+            t_int = self.train_t_sampler(x.size(0), self.max_t, x.device).reshape(x.size(0), 1).float()
         s_int = t_int - 1
         t_is_zero = t_int == 0
         s = s_int / self.T

@@ -1,4 +1,7 @@
-"""EDM's training loop (``train_test.py``): train_epoch, test, analyze_and_save.
+"""EDM's training loop (``train_test.py``): the step helpers, test, analyze_and_save, sampling.
+
+The epoch loop itself is ``training.trainer.Trainer.train_epoch`` (``train_epoch`` here is its
+front end with EDM's signature).
 
 Differences from EDM / the GAGA fork, all deliberate:
 * batches become model inputs in ``qm9.losses.preprocess_batch`` for training AND
@@ -13,13 +16,11 @@ Differences from EDM / the GAGA fork, all deliberate:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,11 +28,8 @@ from configs.errors import TrainingStopped
 from configs.run_args import resolved_max_t, run_folder_of
 from equivariant_diffusion.utils import remove_mean_with_mask, sample_center_gravity_zero_gaussian_with_mask
 from qm9.losses import compute_loss_and_nll, pad_to_atoms, preprocess_batch
-from training.checkpoint import unwrap
-from training.clipping import Queue, gradient_clipping
-from training.distributed import (
-    DistContext, all_reduce_max_int, all_reduce_sum, all_true, broadcast_object, gather_objects,
-)
+from training.clipping import Queue
+from training.distributed import DistContext, all_reduce_max_int, all_reduce_sum, broadcast_object, gather_objects
 from training.ema import EMA
 
 
@@ -118,66 +116,18 @@ def train_epoch(
 ) -> float:
     """One epoch (or what is left of it after a resume); returns the mean training NLL.
 
-    ``loader``'s sampler must already be positioned at ``state.step_in_epoch``.
+    ``loader``'s sampler must already be positioned at ``state.step_in_epoch``. A compatible front
+    end for ``training.trainer.Trainer.train_epoch`` over parts built elsewhere.
     """
-    ctx = ctx or DistContext(device=device)
-    model_dp.train()
-    model.train()
-    n_iterations = state.step_in_epoch + len(loader)
-    nll_epoch: list[float] = []
-    bar = tqdm(loader, total=len(loader), initial=0, desc=f"epoch {epoch}", disable=not ctx.is_main,
-               dynamic_ncols=True, leave=False, mininterval=_bar_interval())
-    for i, data in enumerate(bar, start=state.step_in_epoch):
-        x, h, node_mask, edge_mask, context = _prepare(args, data, device, dtype, ctx)
-        optim.zero_grad(set_to_none=True)
-        nll, reg_term, _ = compute_loss_and_nll(args, model_dp, nodes_dist, x, h, node_mask, edge_mask, context)
-        loss = nll + args.ode_regularization * reg_term.sum()
-        state.global_step += 1
-        state.step_in_epoch = i + 1
-        # A loss without a graph (nothing to back-propagate) is skipped like a non-finite one; every
-        # process takes the same branch, so DDP's gradient all-reduce never waits for a missing peer.
-        ok = all_true(bool(torch.isfinite(loss).item()) and loss.requires_grad, ctx)
-        grad_norm = float("nan")
-        if ok:
-            loss.backward()
-            grad_norm = gradient_clipping(model, gradnorm_queue, verbose=ctx.is_main) if args.clip_grad else _grad_norm(model)
-            ok = math.isfinite(grad_norm)  # gradients are all-reduced: every process agrees
-        if ok:
-            optim.step()
-            if ema is not None:
-                ema.update_model_average(model_ema, model)
-            state.nan_in_a_row = 0
-            nll_epoch.append(nll.item())
-        else:
-            optim.zero_grad(set_to_none=True)
-            _count_nan_batch(args, state, epoch, i, ctx)
-        if ctx.is_main and i % max(args.n_report_steps, 1) == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", nll=f"{nll.item():.3f}", grad=f"{grad_norm:.1f}", refresh=False)
-            if log_fn is not None:
-                log_fn({"Batch NLL": nll.item()})
-        if (
-            visualize_fn is not None
-            and args.visualize_every_batch > 0
-            and epoch % args.test_epochs == 0
-            and i % args.visualize_every_batch == 0
-            and not (epoch == 0 and i == 0)
-        ):
-            visualize_fn(epoch, i)
-            model_dp.train()
-        if args.break_train_epoch:
-            break
-        last_of_epoch = i + 1 >= n_iterations
-        if checkpoint_fn is not None and args.checkpoint_every_steps and not last_of_epoch \
-                and state.global_step % args.checkpoint_every_steps == 0:
-            checkpoint_fn()
-        if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
-            raise StopRequested(f"stopped after {state.global_step} steps (--stop_after_steps)")
-    bar.close()
-    sums = all_reduce_sum([float(np.sum(nll_epoch)), float(len(nll_epoch))], ctx)
-    mean_nll = sums[0] / sums[1] if sums[1] else float("nan")
-    if log_fn is not None:
-        log_fn({"Train Epoch NLL": mean_nll})
-    return mean_nll
+    from training.trainer import Trainer
+
+    trainer = Trainer(args, ctx or DistContext(device=device), model, nodes_dist)
+    trainer.model_dp, trainer.model_ema, trainer.ema, trainer.optim = model_dp, model_ema, ema, optim
+    trainer.gradnorm_queue, trainer.state, trainer.device, trainer.dtype = gradnorm_queue, state, device, dtype
+    trainer.visualize_fn = visualize_fn
+    trainer.log = log_fn or (lambda values: None)
+    trainer.checkpoint = checkpoint_fn or (lambda: None)
+    return trainer.train_epoch(epoch, loader)
 
 
 def _count_nan_batch(args, state: TrainState, epoch: int, i: int, ctx: DistContext) -> None:
