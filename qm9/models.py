@@ -185,7 +185,7 @@ def get_latent_diffusion(args: Any, device: str | torch.device, dataset_info: di
 def describe_run(args: Any) -> str:
     """One-line summary of the fields that decide the parameter shapes."""
     fields = ("model", "diffusion_noise_schedule", "nf", "n_layers", "inv_sublayers", "include_charges", "sin_embedding", "context_node_nf",
-              "condition_time", "remove_h", "dataset", "max_t")
+              "condition_time", "remove_h", "dataset", "max_t", "latent_nf")
     parts = [f"{f}={getattr(args, f)!r}" for f in fields if hasattr(args, f)]
     parts.append(f"zero_center_h={infer_zero_center_h(args)!r}")
     return ", ".join(parts)
