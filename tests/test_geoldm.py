@@ -45,8 +45,8 @@ def args_of(name: str, **overrides) -> argparse.Namespace:
     return args
 
 
-def build(name: str, dtype: torch.dtype = torch.float32):
-    model, nodes_dist, _ = get_latent_diffusion(args_of(name), "cpu", get_dataset_info("qm9", False), None)
+def build(name: str, dtype: torch.dtype = torch.float32, **overrides):
+    model, nodes_dist, _ = get_latent_diffusion(args_of(name, **overrides), "cpu", get_dataset_info("qm9", False), None)
     model.load_state_dict(load(name)["state_dict"], strict=True)
     return model.to(dtype), nodes_dist
 
@@ -104,8 +104,9 @@ def test_builder_reproduces_the_reference_init_from_its_seed(name):
 
 # ----------------------------------------------------------------------------- networks
 @pytest.mark.parametrize("name", NAMES)
-def test_encoder_matches_reference(name):
-    model, _ = build(name)
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_encoder_matches_reference(name, impl):
+    model, _ = build(name, egnn_impl=impl)
     ref = load(name)["loss_train"]["encoder"]
     x, h, node_mask, edge_mask = inputs(name)
     seen = {}
@@ -125,8 +126,9 @@ def test_encoder_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_decoder_matches_reference(name):
-    model, _ = build(name)
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_decoder_matches_reference(name, impl):
+    model, _ = build(name, egnn_impl=impl)
     ref = load(name)["loss_train"]["decoder"]
     _, _, node_mask, edge_mask = inputs(name)
     seen = {}

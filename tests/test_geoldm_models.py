@@ -163,6 +163,38 @@ def test_autoencoder_is_e3_and_permutation_equivariant():
     assert_close(mu_h_perm[2], mu_h[2, perm], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_latent_diffusion_loss_is_invariant_to_rotations(train):
+    """Rotating the molecules (and the x part of every noise draw) leaves every loss unchanged."""
+    torch.manual_seed(0)
+    model, _, _ = get_latent_diffusion(small_args(), "cpu", get_dataset_info("qm9", False))
+    model.train(train)
+    x, h, node_mask, edge_mask = batch()
+    gen = torch.Generator().manual_seed(5)
+    draws = [remove_mean_with_mask(torch.randn(3, 9, 5, generator=gen) * node_mask, node_mask) for _ in range(3)]
+    rot = random_rotation(2)
+
+    def rotated(z):
+        return torch.cat([z[:, :, :3] @ rot, z[:, :, 3:]], dim=2)
+
+    def loss_of(x_in, noises):
+        queue = list(noises)
+        take = lambda n_samples, n_nodes, node_mask: queue.pop(0)  # noqa: E731
+        model.vae.sample_combined_position_feature_noise = take
+        model.sample_combined_position_feature_noise = take
+        torch.manual_seed(11)  # same t draw
+        try:
+            return model.compute_latent_loss(x_in, h, node_mask, edge_mask.view(3, -1), None)
+        finally:
+            del model.vae.sample_combined_position_feature_noise, model.sample_combined_position_feature_noise
+
+    loss, terms = loss_of(x, draws)
+    loss_rot, terms_rot = loss_of(x @ rot, [rotated(d) for d in draws])
+    assert_close(terms_rot["z_xh"], rotated(terms["z_xh"]), atol=1e-5, rtol=0)
+    assert_close(terms_rot["loss_recon"], terms["loss_recon"], rtol=1e-4, atol=1e-6)
+    assert_close(loss_rot, loss, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("include_charges", [True, False])
 def test_batch_of_one_molecule_has_losses_in_both_modes(include_charges):
     """GeoLDM's kl_prior asserts on B = 1; ours does not."""
