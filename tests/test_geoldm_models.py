@@ -330,3 +330,22 @@ def test_sample_chain_decodes_every_frame():
     frame_mask = node_mask.repeat(5, 1, 1)
     assert torch.equal(chain[:, :, 3:8].sum(2), frame_mask.squeeze(2))  # a decoded one-hot in every frame
     assert torch.equal(chain[:, :, 8:], torch.round(chain[:, :, 8:]))
+
+
+def test_max_t_bounds_the_latent_training_draw(monkeypatch):
+    """GAGA's --max_t reaches the latent objective through the parent's estimator."""
+    torch.manual_seed(0)
+    model, _, _ = get_latent_diffusion(small_args(max_t=5), "cpu", get_dataset_info("qm9", False))
+    x, h, node_mask, edge_mask = batch()
+    bounds = []
+    original = torch.randint
+
+    def spy(low, high, size, **kwargs):
+        bounds.append((low, high))
+        return original(low, high, size, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", spy)
+    for train in (True, False):
+        model.train(train)
+        model.compute_latent_loss(x, h, node_mask, edge_mask.view(3, -1), None)
+    assert bounds == [(0, 6), (1, 6)]
