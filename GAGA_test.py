@@ -28,6 +28,7 @@ from configs.atomic_io import unwritable_reason
 from configs.errors import UserInputError, cli_errors
 from configs.flags import at_least, check_flags, check_plain_name, compact_errors, number_list, positive
 from equivariant_diffusion.samplers import sampler_names
+from training import distributed
 from training.args import str2bool
 from training import sampling_benchmark as bench
 
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         settings = [bench.single_setting(flags.shortcut, t_star, flags.sampling_step_size, flags.sampler, dataset_var, T)]
     out_dir = output_folder(flags)
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not flags.no_cuda else "cpu")
+    device = distributed.select_device(flags.no_cuda)
     run = load_run(flags.model_path, device, use_ema=flags.use_ema, args=args)
     smiles = None if flags.no_novelty else training_smiles(args, run.dataset_info)
 

@@ -28,7 +28,7 @@ from configs.flags import Rule, at_least, compact_errors, positive
 from gaga.cli import (
     add_source_flags, check_output_folder, check_source_flags, one_line_errors, resolve_data_spec, resolve_gamma, source_record,
 )
-from gaga.data import dataset_kind, load_features
+from gaga.data import load_features
 from gaga.gaussianity import DEFAULT_TIMESTEPS, TEST_MODALITIES, GaussianityConfig, test_channels
 from gaga.gaussianity_run import run_gaussianity_test
 from gaga.schedule import check_timesteps, parse_timesteps
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
 
         return paper_main(args, spec, gamma, grid)
     mode = VARIANCE_MODES[args.variance_mode]
-    dataset_var = published_dataset_var(dataset_kind(spec.dataset)) if args.dataset_var is None else args.dataset_var
+    dataset_var = published_dataset_var(spec.dataset) if args.dataset_var is None else args.dataset_var
     features = load_features(spec, split=args.split, progress=not args.no_progress)
 
     if mode == "scalar":

@@ -24,6 +24,7 @@ from configs.atomic_io import unwritable_reason
 from configs.errors import UserInputError, cli_errors
 from configs.flags import at_least, check_flags, compact_errors, positive
 from equivariant_diffusion.samplers import sampler_names
+from training import distributed
 from training.args import optional_int, str2bool
 from training.loop import sample_molecules, test
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if reason or ((eval_args.save_to_xyz or eval_args.save_to_sdf) and unwritable_reason(out_dir)):
         print(f"note: {reason or unwritable_reason(out_dir)}; results are printed only "
               "(pass --metrics_json elsewhere to save the metrics)", file=sys.stderr)
-    device = torch.device("cuda" if torch.cuda.is_available() and not eval_args.no_cuda else "cpu")
+    device = distributed.select_device(eval_args.no_cuda)
     torch.manual_seed(eval_args.seed)
     run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema, args=args)
     print(f"Sampling {eval_args.n_samples} molecules from {run.weights} with {options}")

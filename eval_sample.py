@@ -18,13 +18,14 @@ import torch
 from configs.errors import UserInputError, cli_errors
 from configs.flags import at_least, check_flags, compact_errors, positive
 from equivariant_diffusion.samplers import sampler_names
+from training import distributed
 from training.args import optional_int, str2bool
 
 FLAG_RULES = {
     "n_samples": at_least(0, high=10_000),
     "n_chains": at_least(0, high=1000),
     "n_tries": at_least(1, high=10_000),
-    "n_nodes": at_least(1),
+    "n_nodes": at_least(1, optional=True),
     "keep_frames": at_least(1, high=100_000),
     "seed": at_least(0, high=2**32 - 1),
     "start_step": at_least(1, optional=True),
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_samples", type=int, default=10, help="molecules to draw as pictures")
     p.add_argument("--n_chains", type=int, default=1, help="denoising chains to draw")
     p.add_argument("--n_tries", type=int, default=10, help="chains tried per picture until one ends stable (EDM)")
-    p.add_argument("--n_nodes", type=int, default=19, help="atoms of the chain molecule (EDM: 19 on QM9)")
+    p.add_argument("--n_nodes", type=int, default=None,
+                   help="atoms of the chain molecule (default: the dataset's, configs/datasets.py: QM9 19, GEOM 44)")
     p.add_argument("--keep_frames", type=int, default=100, help="frames kept per chain")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use_ema", type=str2bool, default=True)
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> dict[str, list[Path]]:
     from configs.atomic_io import unwritable_reason
+    from configs.datasets import dataset_entry
     from configs.datasets_config import get_dataset_info
     from qm9 import visualizer
     from qm9.sampling import sample, sample_chain
@@ -65,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Path]]:
     args = read_run_args(eval_args.model_path)  # args.pickle only: nothing built yet
     options = run_sampling_options(args, eval_args)
     info = get_dataset_info(args.dataset, args.remove_h)
+    if eval_args.n_nodes is None:
+        eval_args.n_nodes = dataset_entry(args.dataset).chain_n_nodes
     n_steps = (options["start_step"] or int(args.diffusion_steps)) // options["step_size"]
     keep_frames = max(1, min(eval_args.keep_frames, n_steps))
     if not 1 <= eval_args.n_nodes <= info["max_n_nodes"]:
@@ -73,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Path]]:
     reason = unwritable_reason(out)
     if reason:
         raise UserInputError(f"{reason}: eval_sample.py writes its pictures there; copy the run folder somewhere writable")
-    device = torch.device("cuda" if torch.cuda.is_available() and not eval_args.no_cuda else "cpu")
+    device = distributed.select_device(eval_args.no_cuda)
     torch.manual_seed(eval_args.seed)
     run = load_run(eval_args.model_path, device, use_ema=eval_args.use_ema, args=args)
     written: dict[str, list[Path]] = {}

@@ -48,6 +48,7 @@ FLAG_RULES = {
     "ddim_stride": at_least(1),
     "seed": at_least(0, high=2**32 - 1000),
 }
+from training import distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +212,7 @@ def draw_molecules(run_dir: Path, t_star: int, dataset_var: float, flags: argpar
     from training.evaluate import load_run
     from training.loop import sample_molecules
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not flags.no_cuda else "cpu")
+    device = distributed.select_device(flags.no_cuda)
     run = load_run(run_dir, device)
     torch.manual_seed(flags.seed)
     options = dict(start_step=t_star, dataset_var=dataset_var, step_size=1, sampler="ddpm")

@@ -1,4 +1,4 @@
-"""Speed of the paper's QM9 model (nf 256, 9 layers) and a small one (nf 64, 4 layers) on CPU.
+"""Speed of the paper's QM9 model (nf 256, 9 layers) and a small one (nf 64, 4 layers).
 
 Prints JSON: milliseconds per training step (forward + backward of the training loss on a
 batch of 64 real QM9 training molecules, EDM's padded batch) and per sampling step (one
@@ -8,6 +8,16 @@ process); and the speed-up over the reference figures (EDM's code on this 2-core
 class, quiet machine).
 
     python bench/bench_model.py [--repeats 5] [--models full,small] [--threads 1,2]
+
+``--compare_policies`` instead times the execution policies of ``egnn.device_policy`` on the
+paper's configurations (QM9 nf 256 / 9 layers at batch 64 and 256, GEOM nf 256 / 4 layers at
+batch 32; sampling steps on the same number of molecules, padded to the dataset's largest):
+size-grouped, one padded block, and the padded block under torch.compile. On a GPU:
+
+    python bench/bench_model.py --device cuda --compare_policies      # a few minutes
+
+GEOM batches are drawn from GEOM's atom-count histogram with random coordinates (the data
+cannot be shipped; speed depends on sizes, not on chemistry).
 """
 from __future__ import annotations
 
@@ -108,6 +118,116 @@ def bench_model(args, batch, sample_sizes, repeats: int) -> dict:
     return {"train_ms": round(best_of(train_step, repeats), 1), "sample_ms": round(best_of(sample_step, repeats), 1)}
 
 
+PAPER_CONFIGS = {  # name: (dataset, nf, n_layers, batch size)
+    "qm9_b64": ("qm9", 256, 9, 64),
+    "qm9_b256": ("qm9", 256, 9, 256),
+    "geom_b32": ("geom", 256, 4, 32),
+}
+POLICIES = {  # name: (group_by_size, torch.compile)
+    "grouped": ("true", False),
+    "padded": ("false", False),
+    "compiled": ("false", True),
+}
+
+
+def synthetic_batch(dataset: str, batch_size: int, seed: int) -> dict:
+    """A batch with the dataset's atom-count distribution, random positions and atom types."""
+    info = get_dataset_info(dataset, False)
+    torch.manual_seed(seed)
+    sizes = DistributionNodes(info["n_nodes"]).sample(batch_size).numpy()
+    rng = np.random.default_rng(seed)
+    m, k = int(sizes.max()), len(info["atom_decoder"])
+    slots = np.arange(m)[None, :] < sizes[:, None]
+    types = rng.integers(0, k, size=(batch_size, m))
+    one_hot = np.eye(k, dtype=bool)[types] & slots[..., None]
+    charges = np.where(slots, np.asarray(info["atomic_nb"])[types], 0)
+    positions = rng.normal(scale=2.0, size=(batch_size, m, 3)) * slots[..., None]
+    return make_batch(positions, charges, one_hot, sizes)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of_on(device: torch.device, fn, repeats: int) -> float:
+    """Best wall time of ``fn`` in ms, waiting for the device around each call."""
+    fn()
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times) * 1000.0
+
+
+def compare_policies(opts: argparse.Namespace) -> dict:
+    """ms per training step and per sampling step, per paper config and execution policy."""
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
+    policies = opts.policies.split(",") if opts.policies else (
+        ["grouped", "padded", "compiled"] if device.type == "cuda" else ["grouped", "padded"])
+    configs = opts.configs.split(",")
+    for name in policies + configs:
+        if name not in POLICIES and name not in PAPER_CONFIGS:
+            raise SystemExit(f"unknown policy or config {name!r}; policies: {', '.join(POLICIES)}; "
+                             f"configs: {', '.join(PAPER_CONFIGS)}")
+    from egnn.device_policy import configure_matmul
+
+    configure_matmul(device, opts.tf32)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": opts.repeats,
+              "tf32": bool(opts.tf32), "results": {}}
+    for config in configs:
+        dataset, nf, n_layers, batch_size = PAPER_CONFIGS[config]
+        info = get_dataset_info(dataset, False)
+        if dataset == "qm9":
+            batch = training_batch(opts.datadir, batch_size, opts.seed)
+        else:
+            batch = synthetic_batch(dataset, batch_size, opts.seed)
+        torch.manual_seed(opts.seed)
+        sample_sizes = DistributionNodes(info["n_nodes"]).sample(batch_size)
+        for policy in policies:
+            group_by_size, compiled = POLICIES[policy]
+            args = qm9_args(nf, n_layers)
+            args.dataset, args.group_by_size, args.compile = dataset, group_by_size, compiled
+            args.compile_backend = opts.compile_backend
+            if dataset == "geom":
+                args.include_charges = False
+            torch.manual_seed(0)
+            model, nodes_dist, _ = get_model(args, device, info, None)
+            model = model.to(device)
+            x, h, node_mask, edge_mask, context = preprocess_batch(batch, device, torch.float32, args.include_charges, False)
+            s_node_mask, s_edge_mask = masks_from_sizes(sample_sizes, info["max_n_nodes"], device)
+            z = model.sample_combined_position_feature_noise(batch_size, info["max_n_nodes"], s_node_mask)
+            t = torch.full((batch_size, 1), 0.5, device=device)
+            s = torch.full((batch_size, 1), 0.499, device=device)
+
+            def train_step():
+                model.train()
+                model.zero_grad(set_to_none=True)
+                nll, _, _ = compute_loss_and_nll(args, model, nodes_dist, x, h, node_mask, edge_mask, context)
+                nll.backward()
+
+            def sample_step():
+                model.eval()
+                with torch.no_grad():
+                    model.sample_p_zs_given_zt(s, t, z, s_node_mask, s_edge_mask, None)
+
+            start = time.perf_counter()
+            row = {"train_ms": round(best_of_on(device, train_step, opts.repeats), 1),
+                   "sample_ms": round(best_of_on(device, sample_step, opts.repeats), 1)}
+            row["seconds_incl_warmup"] = round(time.perf_counter() - start, 1)
+            report["results"].setdefault(config, {})[policy] = row
+            print(json.dumps({config: {policy: row}}), file=sys.stderr)
+            del model
+    return report
+
+
 def measure_in_subprocess(opts: argparse.Namespace, name: str, n_threads: int) -> dict:
     """One (model, thread count) measurement in a fresh process: thread pools and cached
     GEMM kernels of a process are set up for its first thread count."""
@@ -130,8 +250,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_grouping", action="store_true",
                         help="run the network on the padded batch (no size groups): the cost of padding")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--compare_policies", action="store_true",
+                        help="time grouped / padded / compiled execution on the paper configs")
+    parser.add_argument("--policies", default=None,
+                        help="subset of grouped,padded,compiled (default: all on cuda, grouped,padded on cpu)")
+    parser.add_argument("--configs", default=",".join(PAPER_CONFIGS), help="subset of " + ",".join(PAPER_CONFIGS))
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compiled policy")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    if opts.compare_policies:
+        print(json.dumps(compare_policies(opts), indent=1))
+        return
+    if opts.device != "cpu":
+        raise SystemExit("the thread-scaling benchmark is CPU-only; on a GPU use --device cuda --compare_policies")
     threads = [int(n) for n in opts.threads.split(",")]
     names = opts.models.split(",")
     unknown = [n for n in names if n not in MODELS]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.atomic_io import atomic_write_bytes
+from configs.datasets import QM9, find_dataset
 from configs.errors import RunFolderError
 
 ARGS_FILE = "args.pickle"
@@ -123,7 +124,8 @@ def safe_datadir(run_datadir: object, user_datadir: str | None, dataset: str) ->
     args.pickle must not choose where files are written), else the dataset's default folder."""
     if user_datadir is not None:
         return str(user_datadir)
-    default = "data/geom" if str(dataset).lower().startswith(("geom", "drugs")) else "qm9/temp"
+    entry = find_dataset(dataset)  # an unknown name is reported by the caller, with the run named
+    default = entry.default_datadir if entry is not None else QM9.default_datadir
     text = str(run_datadir or "")
     candidate = Path(text)
     if text and not candidate.is_absolute() and ".." not in candidate.parts and not text.startswith("~"):

@@ -43,9 +43,13 @@ _ONEDNN_MIN_MACS = 1 << 20
 
 
 def _use_onednn(x: torch.Tensor, macs: int | None = None) -> bool:
-    """oneDNN for float32 CPU tensors, and for GEMMs only if they are large enough."""
+    """oneDNN for float32 CPU tensors, and for GEMMs only if they are large enough.
+
+    Never while torch.compile traces (its op has no fake-tensor kernel; the compiler fuses itself).
+    """
     return (
         _ONEDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32
+        and not torch.compiler.is_compiling()
         and (macs is None or macs >= _ONEDNN_MIN_MACS)
     )
 

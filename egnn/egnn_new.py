@@ -383,12 +383,16 @@ class SinusoidsEmbeddingNew(nn.Module):
     def __init__(self, max_res: float = 15.0, min_res: float = 15.0 / 2000.0, div_factor: int = 4):
         super().__init__()
         self.n_frequencies = int(math.log(max_res / min_res, div_factor)) + 1
-        self.frequencies = 2 * math.pi * div_factor ** torch.arange(self.n_frequencies) / max_res
+        # A non-persistent buffer: it moves with the model (no host-to-device copy per call) and
+        # stays out of the state dict (EDM's checkpoints have no such key).
+        self.register_buffer(
+            "frequencies", 2 * math.pi * div_factor ** torch.arange(self.n_frequencies) / max_res, persistent=False
+        )
         self.dim = len(self.frequencies) * 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.sqrt(x + 1e-8)
-        emb = x * self.frequencies.to(x.device)
+        emb = x * self.frequencies.to(x.dtype)
         return torch.cat((emb.sin(), emb.cos()), dim=-1).detach()
 
 

@@ -7,7 +7,11 @@ in GAGA mode (``zero_center_h``) the feature part is too.
 Molecules of a batch are independent and padded atoms never influence real ones (with
 'sum' aggregation), so the network may run on groups of similar-sized molecules, each padded
 only to its group's largest molecule (``group_by_size``). Outputs are the same as on the
-padded batch; only wasted work on padded atom pairs is skipped.
+padded batch; only wasted work on padded atom pairs is skipped. Whether it does depends on
+the device (``egnn.device_policy``: grouped on the CPU, one padded block elsewhere).
+
+Everything derived from the masks (the grouping plan) is cached for the mask tensors last
+seen, so a sampling chain, which passes the same masks at every step, computes it once.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from egnn import device_policy
 from egnn.egnn_new import EGNN
 from egnn.layout import PairLayout, single_block
 from equivariant_diffusion.utils import remove_mean_with_mask
@@ -76,7 +81,8 @@ class EGNN_dynamics_QM9(nn.Module):
         normalization_factor: float = 100,
         aggregation_method: str = "sum",
         zero_center_h: bool = False,
-        group_by_size: bool = True,
+        group_by_size: bool | str = "auto",
+        compile_backend: str | None = None,
     ):
         super().__init__()
         if mode != "egnn_dynamics":
@@ -96,13 +102,23 @@ class EGNN_dynamics_QM9(nn.Module):
         self.hidden_nf = hidden_nf
         # GAGA mode: the feature part of the output is masked and centred per molecule.
         self.zero_center_h = zero_center_h
-        # Compute on size groups when that is exact ('sum' aggregation) and saves work.
+        # Size groups (exact for 'sum' aggregation): 'auto' = on the CPU only (egnn.device_policy).
         self.group_by_size = group_by_size
-        # Largest number of atom pairs per network call (cache-sized edge tensors); 0 = no cap.
-        self.chunk_pairs = int(2**20 // hidden_nf)
+        # Largest number of atom pairs per grouped call on the CPU (cache-sized edge tensors); 0 = no cap.
+        self.chunk_pairs = device_policy.cpu_chunk_pairs(hidden_nf)
+        # torch.compile backend for the network on one padded block (None: eager).
+        self.compile_backend = compile_backend
+        self._compiled = None  # (owner id, compiled fn): a deep copy (the EMA model) compiles its own
+        self._plan_cache = None  # (node_mask, edge_mask, their versions, setting, plan)
         # How often the NaN guard fired (EDM resets NaN outputs to zero and warns).
         self.nan_resets = 0
         self.to(device)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_compiled"] = None  # compiled functions are neither copied nor pickled
+        state["_plan_cache"] = None
+        return state
 
     def forward(self, t, xh, node_mask, edge_mask, context=None):
         return self._forward(t, xh, node_mask, edge_mask, context)
@@ -118,6 +134,7 @@ class EGNN_dynamics_QM9(nn.Module):
         """xh (B, N, 3+F), t (B, 1) or one value, node_mask (B, N, 1), edge_mask with B*N*N
         entries (any shape) -> eps_hat (B, N, 3+F)."""
         bs, n_nodes, dims = xh.shape
+        calls = self._cached_plan(node_mask, edge_mask, xh.device)  # keyed on the caller's mask tensors
         node_mask = node_mask.reshape(bs, n_nodes, 1)
         edge_mask = edge_mask.reshape(bs, n_nodes, n_nodes, 1)
         xh = xh * node_mask
@@ -127,9 +144,8 @@ class EGNN_dynamics_QM9(nn.Module):
         if context is not None:
             context = context.reshape(bs, n_nodes, self.context_node_nf)
 
-        calls = self._plan_calls(node_mask, edge_mask) if self.group_by_size else None
         if calls is None:  # the padded batch as one block
-            vel, h_final = self._network(
+            vel, h_final = self._padded_network()(
                 t.expand(bs, n_nodes, 1).reshape(-1, 1), xh.reshape(bs * n_nodes, dims),
                 node_mask.reshape(-1, 1), edge_mask.reshape(-1, 1),
                 None if context is None else context.reshape(bs * n_nodes, -1), single_block(bs, n_nodes),
@@ -139,17 +155,46 @@ class EGNN_dynamics_QM9(nn.Module):
         vel = vel.view(bs, n_nodes, self.n_dims)
         h_final = h_final.view(bs, n_nodes, dims - self.n_dims)
 
-        if torch.isnan(vel).any():
-            self._nan_reset("positions")
-            vel = torch.zeros_like(vel)
-        if torch.isnan(h_final).any():
-            self._nan_reset("features")
-            h_final = torch.zeros_like(h_final)
+        # EDM's NaN guard: a part with a NaN is reset to zero. One host sync for both parts, and
+        # the reset keeps the autograd graph (torch.where), so backward() always works and every
+        # parameter gets a gradient (a NaN one, which the training loop then skips on every
+        # process alike), also when both parts are reset.
+        nan_vel, nan_h = torch.isnan(vel).any(), torch.isnan(h_final).any()
+        if bool(nan_vel | nan_h):
+            if bool(nan_vel):
+                self._nan_reset("positions")
+                vel = torch.where(nan_vel, torch.zeros_like(vel), vel)
+            if bool(nan_h):
+                self._nan_reset("features")
+                h_final = torch.where(nan_h, torch.zeros_like(h_final), h_final)
 
         vel = remove_mean_with_mask(vel, node_mask, check_padding=False)
         if self.zero_center_h:
             h_final = remove_mean_with_mask(h_final, node_mask, check_padding=False)
         return torch.cat([vel, h_final], dim=2)
+
+    def _cached_plan(self, node_mask: torch.Tensor, edge_mask: torch.Tensor, device: torch.device):
+        """``_plan_calls`` for these masks, or None (one padded block); computed once per mask pair."""
+        if not device_policy.groups_by_size(self.group_by_size, device):
+            return None
+        key = (self.group_by_size, self.chunk_pairs, node_mask._version, edge_mask._version)
+        cache = self._plan_cache
+        if cache is not None and cache[0] is node_mask and cache[1] is edge_mask and cache[2] == key:
+            return cache[3]
+        plan = self._plan_calls(node_mask, edge_mask)
+        if plan is not None:
+            plan = self._call_masks(node_mask, plan)
+        # The masks are kept alive by the cache, so their identity cannot be reused by new tensors.
+        self._plan_cache = (node_mask, edge_mask, key, plan)
+        return plan
+
+    def _padded_network(self):
+        """``self._network``, compiled with ``compile_backend`` if one is set."""
+        if not self.compile_backend:
+            return self._network
+        if self._compiled is None or self._compiled[0] != id(self):
+            self._compiled = (id(self), device_policy.compile_network(self._network, self.compile_backend))
+        return self._compiled[1]
 
     def _nan_reset(self, what: str) -> None:
         self.nan_resets += 1
@@ -191,7 +236,9 @@ class EGNN_dynamics_QM9(nn.Module):
         """
         if self.egnn.aggregation_method != "sum":
             return None
-        bs, n_nodes, _ = node_mask.shape
+        bs, n_nodes = node_mask.shape[0], node_mask.shape[1]
+        node_mask = node_mask.reshape(bs, n_nodes, 1)
+        edge_mask = edge_mask.reshape(bs, n_nodes, n_nodes, 1)
         mask = node_mask.reshape(bs, n_nodes)
         pair = mask.unsqueeze(2) * mask.unsqueeze(1)
         pair = pair * (1 - torch.eye(n_nodes, device=mask.device, dtype=mask.dtype))
@@ -199,8 +246,10 @@ class EGNN_dynamics_QM9(nn.Module):
             return None
         sizes = mask.sum(1).round().long()
         # Per-block fixed cost (a few small kernels per layer) expressed in atom pairs.
-        bounds = plan_size_groups(sizes.tolist(), overhead_pairs=6400.0 / self.hidden_nf)
-        max_pairs = self.chunk_pairs if self.chunk_pairs else None
+        device = node_mask.device
+        bounds = plan_size_groups(sizes.tolist(), device_policy.group_overhead_pairs(self.hidden_nf, device))
+        chunk = self.chunk_pairs if device.type == "cpu" else device_policy.chunk_pairs(self.hidden_nf, device)
+        max_pairs = chunk if chunk else None
         if bounds == [n_nodes] and (max_pairs is None or bs * n_nodes**2 <= max_pairs):
             return None
         # Real atoms first (stable: keeps their order), padding after.
@@ -230,21 +279,28 @@ class EGNN_dynamics_QM9(nn.Module):
             plans.append((rows, molecules, PairLayout(tuple((len(members), bound) for members, bound in call))))
         return plans
 
-    def _network_grouped(self, t, xh, node_mask, context, calls):
-        bs, n_nodes, dims = xh.shape
-        flat_xh = xh.reshape(bs * n_nodes, dims)
-        flat_mask = node_mask.reshape(bs * n_nodes, 1)
-        flat_context = None if context is None else context.reshape(bs * n_nodes, -1)
-        t_molecules = t.reshape(-1, 1)
-        vel = xh.new_zeros(bs * n_nodes, self.n_dims)
-        h_final = xh.new_zeros(bs * n_nodes, dims - self.n_dims)
-        for rows, molecules, layout in calls:
+    def _call_masks(self, node_mask: torch.Tensor, plan):
+        """Per call: its atoms' node mask and its pair mask (each block fully connected among its
+        real atoms, no self pairs); mask-derived, so cached with the plan."""
+        flat_mask = node_mask.reshape(-1, 1)
+        out = []
+        for rows, molecules, layout in plan:
             mask_rows = flat_mask[rows]
-            # Each block is fully connected among its real atoms, without self pairs.
             edge_rows = torch.cat([
                 ((m * m.transpose(1, 2)) * (1 - torch.eye(m.shape[1], device=m.device, dtype=m.dtype))).reshape(-1, 1)
                 for m in layout.node_blocks(mask_rows)
             ])
+            out.append((rows, molecules, layout, mask_rows, edge_rows))
+        return out
+
+    def _network_grouped(self, t, xh, node_mask, context, calls):
+        bs, n_nodes, dims = xh.shape
+        flat_xh = xh.reshape(bs * n_nodes, dims)
+        flat_context = None if context is None else context.reshape(bs * n_nodes, -1)
+        t_molecules = t.reshape(-1, 1)
+        vel = xh.new_zeros(bs * n_nodes, self.n_dims)
+        h_final = xh.new_zeros(bs * n_nodes, dims - self.n_dims)
+        for rows, molecules, layout, mask_rows, edge_rows in calls:
             t_rows = t_molecules[molecules] if self.condition_time else t
             context_rows = None if flat_context is None else flat_context[rows]
             vel_rows, h_rows = self._network(t_rows, flat_xh[rows], mask_rows, edge_rows, context_rows, layout)

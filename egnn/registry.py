@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from egnn.backbone import check_backbone
+from egnn.device_policy import normalise_group_by_size
 from egnn.egnn_new import set_impl
 from egnn.gnn import GNN_dynamics_QM9
 from egnn.models import EGNN_dynamics_QM9
@@ -87,7 +88,8 @@ def build_egnn_dynamics(args: Any, spec: BackboneSpec) -> nn.Module:
         sin_embedding=getattr(args, "sin_embedding", False),
         normalization_factor=getattr(args, "normalization_factor", 1),
         aggregation_method=getattr(args, "aggregation_method", "sum"),
-        group_by_size=bool(getattr(args, "group_by_size", True)),
+        group_by_size=normalise_group_by_size(getattr(args, "group_by_size", "auto")),
+        compile_backend=(getattr(args, "compile_backend", None) or "inductor") if getattr(args, "compile", False) else None,
     )
     set_impl(dynamics, getattr(args, "egnn_impl", "fast"))  # runs saved before the flag: fast
     return dynamics

@@ -54,10 +54,10 @@ GEOM_ONLY_FIELDS = ("conformations", "filter_molecule_size")
 
 
 def dataset_kind(dataset: str) -> str:
-    """'qm9' or 'geom' for any spelling get_dataset_info accepts (geom_drugs, drugs, ...)."""
-    from configs.datasets_config import get_dataset_info
+    """The dataset's family, 'qm9' or 'geom', for any spelling the registry accepts (geom_drugs, drugs, ...)."""
+    from configs.datasets import dataset_entry
 
-    return str(get_dataset_info(dataset, False)["name"])
+    return dataset_entry(dataset).family
 
 
 def _optional_int(value: object) -> int | None:
@@ -215,7 +215,12 @@ def load_features(spec: DataSpec, split: str = "train", progress: bool = True) -
         from gaga.geom_features import load_geom_features
 
         return load_geom_features(spec, split=split, progress=progress)
-    from qm9.data.qm9 import load_qm9
+    from configs.datasets import dataset_entry, resolve_hook
+    from configs.errors import UserInputError
 
-    arrays = load_qm9(spec.datadir, split=split, remove_h=spec.remove_h, filter_n_atoms=spec.filter_n_atoms, progress=progress)
+    entry = dataset_entry(spec.dataset)
+    if entry.split_arrays is None:
+        raise UserInputError(f"dataset {entry.name!r} has no padded-array loader (split_arrays), which GAGA's tools need")
+    load_split = resolve_hook(entry.split_arrays)  # QM9: qm9.data.qm9.load_qm9
+    arrays = load_split(spec.datadir, split, remove_h=spec.remove_h, filter_n_atoms=spec.filter_n_atoms, progress=progress)
     return centred_features(arrays, spec)

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from configs.datasets import dataset_entry
 from configs.errors import DataError
 
 _TABLE_FILE = Path(__file__).resolve().parent.parent / "configs" / "bond_tables.json"
@@ -184,8 +185,11 @@ def bond_tables(atom_decoder: tuple[str, ...], geom: bool) -> BondTables:
 
 
 def tables_for(dataset_info: dict[str, Any]) -> BondTables:
-    """The ``BondTables`` of an EDM ``dataset_info`` (GEOM rules when its name is 'geom')."""
-    return bond_tables(tuple(dataset_info["atom_decoder"]), str(dataset_info.get("name", "")).startswith("geom"))
+    """The ``BondTables`` of an EDM ``dataset_info``: GEOM's rules for a dataset of the 'geom'
+    family (configs/datasets.py), QM9's otherwise (also when the info names no dataset)."""
+    name = dataset_info.get("name")
+    geom = name is not None and dataset_entry(name).family == "geom"
+    return bond_tables(tuple(dataset_info["atom_decoder"]), geom)
 
 
 def bond_orders(distances: np.ndarray, type_a: np.ndarray, type_b: np.ndarray, tables: BondTables) -> np.ndarray:

@@ -47,6 +47,32 @@ def preprocess_batch(
     return x, h, node_mask, edge_mask, None
 
 
+def pad_to_atoms(x, h, node_mask, edge_mask, n_atoms: int):
+    """The same batch padded with masked atoms to ``n_atoms`` slots (no-op if it has that many).
+
+    Used under DDP so every process pads to the global batch's largest molecule: the l2 loss
+    divides by the padded atom count, and then equals the single-process objective.
+    """
+    bs, n = x.shape[0], x.shape[1]
+    if n_atoms == n:
+        return x, h, node_mask, edge_mask
+    if n_atoms < n:
+        raise ValueError(f"cannot pad a batch of {n} atom slots down to {n_atoms}")
+    extra = n_atoms - n
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, 0, 0, extra)) if t.numel() else t
+
+    h = {k: pad(v) for k, v in h.items()}
+    node_mask = pad(node_mask)
+    mask = node_mask.squeeze(2)
+    edge = mask.unsqueeze(1) * mask.unsqueeze(2)
+    edge = edge * (1 - torch.eye(n_atoms, device=edge.device, dtype=edge.dtype))
+    # Keep the caller's edge mask on the old slots (it may differ from the fully connected one).
+    edge[:, :n, :n] = edge_mask.reshape(bs, n, n).to(edge.dtype)
+    return pad(x), h, node_mask, edge.reshape(bs * n_atoms * n_atoms, 1).to(edge_mask.dtype)
+
+
 def compute_loss_and_nll(args, generative_model, nodes_dist, x, h, node_mask, edge_mask, context):
     """(nll, reg_term, mean_abs_z): nll = mean_b(-log p(x_b, h_b) - log p(N_b)) as in EDM."""
     bs, n_nodes, n_dims = x.size()

@@ -37,7 +37,9 @@ def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloa
 
     The network is the backbone registered under ``args.model`` (``egnn.registry``).
     Extra fields understood (all optional): ``max_t`` (None -> T), ``zero_center_h``
-    (None -> inferred, see ``infer_zero_center_h``), ``group_by_size`` (default True),
+    (None -> inferred, see ``infer_zero_center_h``), ``group_by_size`` ('auto' (default, also for
+    runs from before the flag), 'true', 'false' or a bool; see ``egnn.device_policy``),
+    ``compile`` (True: torch.compile the network with ``compile_backend``, default 'inductor') and
     ``egnn_impl`` ('fast' default, or 'reference').
     """
     if isinstance(args, dict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from configs.datasets import dataset_entry
 from equivariant_diffusion.utils import assert_correctly_masked, assert_mean_zero_with_mask
 
 
@@ -84,11 +85,12 @@ def sample_chain(
 
     Frames run from noise to the final molecule, whose frame is repeated 10 times. Tries up
     to n_tries chains and keeps the first whose final molecule is stable (EDM's behaviour).
+    ``n_nodes``: atoms of the molecule; default the dataset's chain size (configs/datasets.py).
     """
     from qm9.analyze import check_stability  # metrics live beside sampling, import on use
 
     if n_nodes is None:
-        n_nodes = 44 if "geom" in str(getattr(args, "dataset", "qm9")) else 19
+        n_nodes = dataset_entry(getattr(args, "dataset", "qm9")).chain_n_nodes  # EDM: QM9 19, GEOM 44
     if getattr(args, "context_node_nf", 0):
         raise ValueError("conditional sampling (context_node_nf > 0) is not supported")
     num_classes = len(dataset_info["atom_decoder"])

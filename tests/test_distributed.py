@@ -67,3 +67,61 @@ def test_two_cpu_processes_stay_in_sync(tmp_path, qm9_datadir):
     for name, tensor in ranks[0]["model"].items():
         assert torch.equal(tensor, saved["model"][name])
     assert (tmp_path / "ddp" / "generative_model_ema.npy").is_file()
+
+
+def test_ddp_shards_padded_to_the_global_size_give_the_single_process_objective(monkeypatch, qm9_datadir):
+    """The l2 loss divides by the padded atom count. A DDP process pads its shard to the global
+    batch's largest molecule (training.loop), so the per-molecule losses, and hence DDP's averaged
+    gradient, equal one process's on the whole batch; each shard at its own padding would not."""
+    import numpy as np
+
+    from configs.datasets_config import get_dataset_info
+    from equivariant_diffusion import en_diffusion
+    from qm9.data.collate import make_batch
+    from qm9.data.qm9 import load_qm9
+    from qm9.losses import pad_to_atoms, preprocess_batch
+    from qm9.models import get_model
+    from test_models import gaga_qm9_args
+
+    arrays = load_qm9(str(qm9_datadir), "train", progress=False)
+    order = np.argsort(arrays["num_atoms"][:200])
+    rows = np.concatenate([order[:4], order[-4:]])  # shard 0: small molecules, shard 1: large ones
+    args = gaga_qm9_args(nf=16, n_layers=1, diffusion_steps=100, max_t=100)
+    torch.manual_seed(0)
+    model, _, _ = get_model(args, "cpu", get_dataset_info("qm9", False), None)
+    model.train()
+
+    def batch_of(sel):
+        b = make_batch(arrays["positions"][sel], arrays["charges"][sel], arrays["one_hot"][sel],
+                       arrays["num_atoms"][sel], arrays["index"][sel])
+        return preprocess_batch(b, "cpu", torch.float32, False, True)[:4]
+
+    full = batch_of(rows)
+    n_global = full[0].shape[1]
+    torch.manual_seed(1)
+    fixed_t = torch.randint(1, 101, (8, 1))
+    fixed_eps = torch.randn(8, n_global, 3 + 5)
+    current = {}
+
+    def fixed_randint(low, high, size, device=None):
+        return fixed_t[current["rows"]].clone()
+
+    def fixed_noise(self, n_samples, n_nodes, node_mask):
+        eps = fixed_eps[current["rows"], :n_nodes] * node_mask
+        return eps - eps.sum(1, keepdim=True) / node_mask.sum(1, keepdim=True) * node_mask
+
+    monkeypatch.setattr(en_diffusion.torch, "randint", fixed_randint)
+    monkeypatch.setattr(en_diffusion.EnVariationalDiffusion, "sample_combined_position_feature_noise", fixed_noise)
+
+    def losses(x, h, node_mask, edge_mask, sel):
+        current["rows"] = sel
+        with torch.no_grad():
+            return model(x, h, node_mask, edge_mask)
+
+    single = losses(*full, slice(0, 8))
+    shards = [batch_of(rows[:4]), batch_of(rows[4:])]
+    assert shards[0][0].shape[1] < n_global == shards[1][0].shape[1]
+    padded = torch.cat([losses(*pad_to_atoms(*shards[k], n_global), slice(4 * k, 4 * k + 4)) for k in range(2)])
+    torch.testing.assert_close(padded, single, rtol=1e-5, atol=1e-5)
+    own = losses(*shards[0], slice(0, 4))  # the small shard at its own padding: a different objective
+    assert not torch.allclose(own, single[:4], rtol=1e-3)

@@ -101,3 +101,33 @@ def test_options_are_validated_in_one_place(options, message):
 def test_schedule_runs_from_the_start_to_zero_with_the_stride():
     assert SamplingOptions("ddim", 550, 275).schedule(1000) == [(275, 550), (0, 275)]
     assert SamplingOptions().n_steps(1000) == 1000 and SamplingOptions("ddim", 550, 2).n_steps(1000) == 275
+
+
+def readme_sampler_example() -> str:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("**A new sampler**", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_sampler_example_registers_and_equals_ddim():
+    import equivariant_diffusion.samplers as samplers
+
+    from test_diffusion import chain_batch, small_chain_model
+
+    exec(compile(readme_sampler_example(), "README.md", "exec"), {})  # noqa: S102 - our own README
+    try:
+        assert "my_ddim" in sampler_names()
+        model = small_chain_model(zero_center_h=True)
+        node_mask, edge_mask = chain_batch()
+        outputs = []
+        for name in ("ddim", "my_ddim"):
+            torch.manual_seed(3)
+            x, h = model.sample(node_mask.size(0), node_mask.size(1), node_mask, edge_mask, None,
+                                start_step=10, dataset_var=0.848, step_size=2, sampler=name)
+            outputs.append((x, h["categorical"]))
+        assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    finally:
+        samplers._REGISTRY.pop("my_ddim", None)  # noqa: SLF001 - test cleanup

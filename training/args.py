@@ -15,6 +15,9 @@ Flags beyond EDM's:
 * ``--checkpoint_every_steps K``: also write the resume state every K training steps.
 * ``--nan_patience P``: stop after P consecutive batches with a non-finite loss or gradient.
 * ``--wandb``: turn on Weights & Biases logging (off by default; ``--no_wandb=False`` too).
+* Devices (``egnn.device_policy``): ``--group_by_size auto|true|false`` (size-grouped network
+  calls; auto = on the CPU only), ``--compile`` (torch.compile the network on the padded
+  path), ``--tf32`` (TF32 matmuls on CUDA; off by default).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import math
 import sys
 from typing import Any, Sequence
 
+from configs.datasets import FAMILIES, dataset_family, dataset_names
 from configs.datasets_config import published_dataset_var
 from configs.errors import UserInputError
 from configs.flags import compact_errors, number_list, parse_number_list, str2bool  # noqa: F401 - str2bool/number_list: public names here
@@ -31,8 +35,9 @@ from egnn.egnn_new import IMPLS as EGNN_IMPLS
 from egnn.registry import backbone_names
 from equivariant_diffusion.samplers import sampler_names
 from training.compat import warn_no_op_flags
+from egnn.device_policy import group_by_size_choice
 
-SCRIPTS = ("qm9", "geom")
+SCRIPTS = FAMILIES  # a dataset's family (configs/datasets.py) names the script whose defaults it takes
 
 
 def optional_int(text: str) -> int | None:
@@ -109,7 +114,7 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     a("--sin_embedding", type=str2bool, default=False)
     a("--ode_regularization", type=float, default=1e-3, help="weight of the regulariser term (0 for diffusion)")
     # --- data ---
-    a("--dataset", type=str, default=d["dataset"], help="qm9 or geom")
+    a("--dataset", type=str, default=d["dataset"], help=f"one of {', '.join(dataset_names())} (configs/datasets.py)")
     a("--datadir", type=str, default="qm9/temp", help="where the processed dataset caches live")
     a("--filter_n_atoms", type=optional_int, default=None, help="train only on molecules with this many atoms")
     a("--dequantization", type=str, default="argmax_variational", help="accepted for EDM compatibility; unused")
@@ -169,6 +174,14 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
       help="also write the resume state every K training steps (0: only at the end of each epoch)")
     a("--nan_patience", type=int, default=20, help="stop after this many consecutive non-finite batches")
     a("--stop_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
+    # --- devices (egnn.device_policy) ---
+    a("--group_by_size", type=group_by_size_choice, default="auto",
+      help="run the network on size groups of molecules: auto (on the CPU only; one padded block on a GPU), true, false")
+    a("--compile", type=str2bool, nargs="?", const=True, default=False,
+      help="torch.compile the network on the padded (GPU) path")
+    a("--compile_backend", type=str, default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
+    a("--tf32", type=str2bool, nargs="?", const=True, default=False,
+      help="allow TF32 matmuls on CUDA (faster on Ampere+, less precise); off by default")
     return p
 
 
@@ -242,7 +255,7 @@ def fill_legacy_defaults(args: argparse.Namespace, script: str | None = None) ->
     not), and is stored as a bool.
     """
     if script is None:
-        script = "geom" if str(getattr(args, "dataset", "qm9")).lower().startswith(("geom", "drugs")) else "qm9"
+        script = dataset_family(getattr(args, "dataset", "qm9"))
     out = argparse.Namespace(**vars(args))
     out.zero_center_h = infer_zero_center_h(args)
     for key, value in vars(default_args(script)).items():

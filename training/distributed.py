@@ -32,12 +32,20 @@ class DistContext:
         return self.rank == 0
 
 
+def select_device(no_cuda: bool = False) -> torch.device:
+    """The device of a single-process run: CUDA when available unless ``--no-cuda``, else the CPU.
+
+    Every entry point asks here (tests replace it to run the scripts on a stand-in accelerator).
+    """
+    return torch.device("cuda" if torch.cuda.is_available() and not no_cuda else "cpu")
+
+
 def setup(args: argparse.Namespace) -> DistContext:
     """Join torchrun's process group if there is one; choose the device."""
     use_cuda = not getattr(args, "no_cuda", False) and torch.cuda.is_available()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return DistContext(device=torch.device("cuda" if use_cuda else "cpu"))
+        return DistContext(device=select_device(getattr(args, "no_cuda", False)))
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if use_cuda:
@@ -81,6 +89,15 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def all_reduce_max_int(value: int, ctx: DistContext) -> int:
+    """The largest ``value`` over processes (one small all-reduce)."""
+    if not ctx.distributed:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

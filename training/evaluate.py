@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from configs.datasets import dataset_entry, resolve_hook
 from configs.datasets_config import get_dataset_info
 from configs.errors import CheckpointError, DataError, RunFolderError, UserInputError
 from configs.run_args import load_run_args, safe_datadir
@@ -135,10 +136,9 @@ def training_smiles(args: argparse.Namespace, dataset_info: dict, progress: bool
     """The training split's SMILES (for novelty), computed from its 3D structures once and cached in datadir."""
     from qm9.rdkit_functions import default_training_smiles_path, get_training_smiles
 
-    if str(args.dataset).lower().startswith("qm9"):
-        from qm9.data.qm9 import load_qm9
-
-        arrays = load_qm9(args.datadir, "train", remove_h=args.remove_h, progress=False)
+    entry = dataset_entry(args.dataset)
+    if entry.split_arrays is not None:  # padded arrays: read the split directly (QM9)
+        arrays = resolve_hook(entry.split_arrays)(args.datadir, "train", remove_h=args.remove_h, progress=False)
     else:
         from qm9.dataset import retrieve_dataloaders
 

@@ -26,9 +26,12 @@ from tqdm import tqdm
 from configs.errors import TrainingStopped
 from configs.run_args import resolved_max_t, run_folder_of
 from equivariant_diffusion.utils import remove_mean_with_mask, sample_center_gravity_zero_gaussian_with_mask
-from qm9.losses import compute_loss_and_nll, preprocess_batch
+from qm9.losses import compute_loss_and_nll, pad_to_atoms, preprocess_batch
+from training.checkpoint import unwrap
 from training.clipping import Queue, gradient_clipping
-from training.distributed import DistContext, all_reduce_sum, all_true, broadcast_object, gather_objects
+from training.distributed import (
+    DistContext, all_reduce_max_int, all_reduce_sum, all_true, broadcast_object, gather_objects,
+)
 from training.ema import EMA
 
 
@@ -73,8 +76,12 @@ def random_rotation(x: torch.Tensor) -> torch.Tensor:
     return x @ q.transpose(1, 2)
 
 
-def _prepare(args, data, device, dtype):
+def _prepare(args, data, device, dtype, ctx: DistContext | None = None):
     x, h, node_mask, edge_mask, context = preprocess_batch(data, device, dtype, args.include_charges, args.zero_center_h)
+    if ctx is not None and ctx.distributed:
+        # Every process pads to the global batch's largest molecule: the l2 loss divides by the
+        # padded atom count, so DDP then optimises exactly the single-process (and --dp) objective.
+        x, h, node_mask, edge_mask = pad_to_atoms(x, h, node_mask, edge_mask, all_reduce_max_int(x.size(1), ctx))
     if getattr(args, "augment_noise", 0) > 0:
         eps = sample_center_gravity_zero_gaussian_with_mask(x.size(), x.device, node_mask)
         x = remove_mean_with_mask(x + eps * args.augment_noise, node_mask)
@@ -121,13 +128,15 @@ def train_epoch(
     bar = tqdm(loader, total=len(loader), initial=0, desc=f"epoch {epoch}", disable=not ctx.is_main,
                dynamic_ncols=True, leave=False, mininterval=_bar_interval())
     for i, data in enumerate(bar, start=state.step_in_epoch):
-        x, h, node_mask, edge_mask, context = _prepare(args, data, device, dtype)
+        x, h, node_mask, edge_mask, context = _prepare(args, data, device, dtype, ctx)
         optim.zero_grad(set_to_none=True)
         nll, reg_term, _ = compute_loss_and_nll(args, model_dp, nodes_dist, x, h, node_mask, edge_mask, context)
         loss = nll + args.ode_regularization * reg_term.sum()
         state.global_step += 1
         state.step_in_epoch = i + 1
-        ok = all_true(bool(torch.isfinite(loss).item()), ctx)
+        # A loss without a graph (nothing to back-propagate) is skipped like a non-finite one; every
+        # process takes the same branch, so DDP's gradient all-reduce never waits for a missing peer.
+        ok = all_true(bool(torch.isfinite(loss).item()) and loss.requires_grad, ctx)
         grad_norm = float("nan")
         if ok:
             loss.backward()

@@ -21,6 +21,7 @@ from configs.atomic_io import remove_stale_temp_files, unwritable_reason
 from configs.datasets_config import get_dataset_info
 from configs.errors import CheckpointError, DataError, RunFolderError, UserInputError
 from configs.run_args import ARGS_FILE, load_run_args, save_run_args
+from egnn.device_policy import configure_matmul
 from training import checkpoint as ckpt
 from training.args import explicit_flags, fill_legacy_defaults, parse_args
 from training.args_check import check_buildable, check_run_sizes
@@ -37,6 +38,7 @@ RESUME_OVERRIDABLE = {
     "n_epochs", "test_epochs", "n_stability_samples", "no_wandb", "wandb_usr", "online", "num_workers",
     "n_report_steps", "visualize_every_batch", "break_train_epoch", "datadir", "dp", "no_cuda", "save_model",
     "checkpoint_every_steps", "nan_patience", "stop_after_steps", "output_root", "data_file", "egnn_impl",
+    "group_by_size", "compile", "compile_backend", "tf32",
 }
 # Files whose presence means a folder holds a training run that a fresh start would overwrite.
 RUN_FILES = (ARGS_FILE, ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIM_FILE, ckpt.RESUME_FILE)
@@ -110,6 +112,7 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, resuming: b
 
     device, dtype = ctx.device, torch.float32
     args.cuda = device.type == "cuda"
+    configure_matmul(device, bool(getattr(args, "tf32", False)))
     args.context_node_nf = 0
     seed_everything(args.seed)
     try:
@@ -128,7 +131,9 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, resuming: b
     ema = EMA(args.ema_decay) if args.ema_decay > 0 else None
     state = TrainState(epoch=args.start_epoch)
 
-    saved = ckpt.load_resume_state(run_dir, map_location=device) if resuming else None
+    # Loaded on the CPU: RNG states must stay CPU tensors (torch.set_rng_state, .numpy()); the
+    # model and optimiser states are copied onto the parameters' device by load_state_dict.
+    saved = ckpt.load_resume_state(run_dir, map_location="cpu") if resuming else None
     if saved is not None:
         unwrapped_state = saved["model"]
         model.load_state_dict(unwrapped_state, strict=True)
