@@ -15,10 +15,12 @@ from typing import Any
 import torch
 
 from configs.errors import CheckpointError, safe_load_reason
-from configs.run_args import infer_zero_center_h
+from configs.run_args import infer_zero_center_h, load_run_args
+from egnn.latent import EGNN_decoder_QM9, EGNN_encoder_QM9, select_impl
 from egnn.registry import BackboneSpec, build_backbone
 from equivariant_diffusion.distributions import DistributionNodes
 from equivariant_diffusion.en_diffusion import EnVariationalDiffusion
+from equivariant_diffusion.latent_diffusion import EnHierarchicalVAE, EnLatentDiffusion
 from qm9.utils import DistributionProperty
 
 
@@ -94,10 +96,109 @@ def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloa
     return vdm.to(device), nodes_dist, prop_dist
 
 
+def _check_geoldm_args(args: Any) -> None:
+    if getattr(args, "conditioning", None):
+        raise ValueError(
+            f"conditioning on properties {list(args.conditioning)} is not supported by this re-implementation; "
+            "train and sample GeoLDM without --conditioning"
+        )
+    model_name = getattr(args, "model", "egnn_dynamics")
+    if model_name != "egnn_dynamics":
+        raise ValueError(f"GeoLDM's autoencoder needs --model egnn_dynamics, got {model_name!r}")
+    latent_nf = getattr(args, "latent_nf", 4)
+    if isinstance(latent_nf, bool) or int(latent_nf) != latent_nf or latent_nf < 1:
+        raise ValueError(f"--latent_nf must be a positive integer (GeoLDM: 1 on QM9, 2 on GEOM), got {latent_nf!r}")
+
+
+def get_autoencoder(args: Any, device: str | torch.device, dataset_info: dict, dataloader_train=None, **overrides):
+    """(EnHierarchicalVAE, nodes_dist, prop_dist): GeoLDM's first stage built from a run's args.
+
+    The encoder has one EquivariantBlock whatever ``n_layers`` is (as in GeoLDM), the decoder
+    ``n_layers``; both use the run's EGNN settings and ``latent_nf`` (GeoLDM's default 4).
+    """
+    if isinstance(args, dict):
+        args = argparse.Namespace(**args)
+    args = _with_overrides(args, overrides)
+    _check_geoldm_args(args)
+    include_charges = bool(getattr(args, "include_charges", True))
+    in_node_nf = len(dataset_info["atom_decoder"]) + int(include_charges)
+    latent_nf = int(getattr(args, "latent_nf", 4))
+    nodes_dist = DistributionNodes(dataset_info["n_nodes"])
+    prop_dist = None
+    context_node_nf = int(getattr(args, "context_node_nf", 0) or 0)
+    common = dict(
+        context_node_nf=context_node_nf, n_dims=3, hidden_nf=args.nf, device=device, act_fn=torch.nn.SiLU(),
+        attention=getattr(args, "attention", True), tanh=getattr(args, "tanh", True),
+        mode=getattr(args, "model", "egnn_dynamics"), norm_constant=getattr(args, "norm_constant", 1),
+        inv_sublayers=getattr(args, "inv_sublayers", 1), sin_embedding=getattr(args, "sin_embedding", False),
+        normalization_factor=getattr(args, "normalization_factor", 1),
+        aggregation_method=getattr(args, "aggregation_method", "sum"), include_charges=include_charges,
+    )
+    # Construction order = GeoLDM's (encoder, then decoder): same init for the same seed.
+    encoder = EGNN_encoder_QM9(in_node_nf=in_node_nf, out_node_nf=latent_nf, n_layers=1, **common)
+    decoder = EGNN_decoder_QM9(in_node_nf=latent_nf, out_node_nf=in_node_nf, n_layers=args.n_layers, **common)
+    impl = getattr(args, "egnn_impl", "fast")
+    vae = EnHierarchicalVAE(
+        encoder=select_impl(encoder, impl), decoder=select_impl(decoder, impl), in_node_nf=in_node_nf, n_dims=3,
+        latent_node_nf=latent_nf, kl_weight=getattr(args, "kl_weight", 0.01),
+        norm_values=getattr(args, "normalize_factors", [1, 4, 10]), include_charges=include_charges,
+    )
+    return vae.to(device), nodes_dist, prop_dist
+
+
+def get_latent_diffusion(args: Any, device: str | torch.device, dataset_info: dict, dataloader_train=None):
+    """(EnLatentDiffusion, nodes_dist, prop_dist): GeoLDM's model built from a run's args.
+
+    With ``args.ae_path`` the first stage's architecture comes from ``<ae_path>/args.pickle`` and
+    its weights from ``generative_model_ema.npy`` (``generative_model.npy`` without EMA), loaded
+    strictly; ``args.latent_nf`` is then set to the first stage's (as GeoLDM does). Unlike
+    GeoLDM, ``device`` is never overridden by the pickled ``cuda`` flag of the first stage.
+    The dynamics is the backbone registered under ``args.model`` on k latent channels.
+    """
+    if isinstance(args, dict):
+        args = argparse.Namespace(**args)
+    ae_path = getattr(args, "ae_path", None)
+    first_stage_args = load_run_args(ae_path) if ae_path else args
+    for field, default in (("normalization_factor", 1), ("aggregation_method", "sum")):
+        if not hasattr(first_stage_args, field):
+            setattr(first_stage_args, field, default)
+    vae, nodes_dist, prop_dist = get_autoencoder(first_stage_args, device, dataset_info, dataloader_train)
+    if ae_path:
+        ema = float(getattr(first_stage_args, "ema_decay", 0) or 0) > 0
+        weights = os.path.join(ae_path, "generative_model_ema.npy" if ema else "generative_model.npy")
+        load_generative_model(vae, weights, first_stage_args)
+    args.latent_nf = vae.latent_node_nf
+
+    include_charges = bool(getattr(args, "include_charges", True))
+    spec = BackboneSpec(
+        in_node_nf=vae.latent_node_nf,
+        context_node_nf=int(getattr(args, "context_node_nf", 0) or 0),
+        n_dims=3,
+        condition_time=bool(getattr(args, "condition_time", True)),
+        device=device,
+    )
+    dynamics = build_backbone(getattr(args, "model", "egnn_dynamics"), args, spec)
+    model = EnLatentDiffusion(
+        vae=vae,
+        trainable_ae=bool(getattr(args, "trainable_ae", False)),
+        dynamics=dynamics,
+        in_node_nf=vae.latent_node_nf,
+        n_dims=3,
+        timesteps=getattr(args, "diffusion_steps", 1000),
+        noise_schedule=getattr(args, "diffusion_noise_schedule", "polynomial_2"),
+        noise_precision=getattr(args, "diffusion_noise_precision", 1e-5),
+        loss_type=getattr(args, "diffusion_loss_type", "l2"),
+        norm_values=getattr(args, "normalize_factors", [1, 4, 10]),
+        include_charges=include_charges,
+        max_t=getattr(args, "max_t", None),
+    )
+    return model.to(device), nodes_dist, prop_dist
+
+
 def describe_run(args: Any) -> str:
     """One-line summary of the fields that decide the parameter shapes."""
     fields = ("model", "diffusion_noise_schedule", "nf", "n_layers", "inv_sublayers", "include_charges", "sin_embedding", "context_node_nf",
-              "condition_time", "remove_h", "dataset", "max_t")
+              "condition_time", "remove_h", "dataset", "max_t", "latent_nf")
     parts = [f"{f}={getattr(args, f)!r}" for f in fields if hasattr(args, f)]
     parts.append(f"zero_center_h={infer_zero_center_h(args)!r}")
     return ", ".join(parts)
