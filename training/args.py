@@ -213,8 +213,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserInputError(f"--data_subset must be >= 1, got {args.data_subset}")
     if args.conditioning:
         raise UserInputError(
-            f"--conditioning {' '.join(args.conditioning)}: property conditioning is not supported "
-            "(the datasets here carry no property labels); drop the flag"
+            f"--conditioning {' '.join(args.conditioning)}: property conditioning is not supported by training yet "
+            "(the models and data support it: qm9.models.get_model with args.conditioning); drop the flag"
         )
     if args.probabilistic_model != "diffusion":
         raise UserInputError(f"--probabilistic_model {args.probabilistic_model!r} is not supported; use diffusion")
