@@ -10,7 +10,8 @@ Steps (each is also a command of its own, printed as it runs):
  3. Gaussianity  Gaussianity_test.py on a subsample of training molecules
  4. T*           GAGA_step_estimation.py: the characteristic step (mean estimator)
  5. training     main_qm9.py with --max_t T* and --dataset_var v (a small model, a short run)
- 6. sampling     GAGA_test.py --compare: full chain, Gaussian shortcut at T*, DDIM, DDIM + shortcut
+ 6. sampling     GAGA_test.py --compare: full chain, Gaussian shortcut at T*, DDIM, DDIM + shortcut,
+                 DPM-Solver++(2M) rows
  7. report       <out>/report.md with the tables, the Gaussianity plots and generated molecules
 """
 from __future__ import annotations
