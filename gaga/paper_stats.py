@@ -20,14 +20,11 @@ import numpy as np
 from scipy import special
 from scipy.spatial import cKDTree
 
+from gaga.stat_tests import ksg_inputs
+
 # Relative shrink of the k-th neighbour distance: "strictly closer than eps" in the marginals,
 # robust to the rounding of x_i +- eps (the neighbour that sets eps lies exactly at eps in one marginal).
 _STRICT = 1.0 - 1e-12
-
-
-def _standardise_rows(v: np.ndarray) -> np.ndarray:
-    std = v.std(axis=-1, keepdims=True)
-    return v / np.where(std > 0, std, 1.0)
 
 
 def ksg_terms(
@@ -40,16 +37,8 @@ def ksg_terms(
     (scikit-learn's tie breaking), exactly as ``ksg_mutual_information``. ``workers``: threads
     of the k-d tree queries.
     """
-    x = _standardise_rows(np.atleast_2d(np.asarray(x, dtype=np.float64)))
-    y = _standardise_rows(np.atleast_2d(np.asarray(y, dtype=np.float64)))
-    if x.shape != y.shape or x.ndim != 2:
-        raise ValueError(f"x and y must both have shape (B, N); got {x.shape} and {y.shape}")
+    x, y = ksg_inputs(np.atleast_2d(x), np.atleast_2d(y), k, rng)
     batch, n = x.shape
-    if not 1 <= k < n:
-        raise ValueError(f"the KSG estimator needs 1 <= k < N samples; got k={k}, N={n}")
-    if rng is not None:
-        x = x + 1e-10 * np.maximum(1.0, np.abs(x).mean(axis=-1, keepdims=True)) * rng.standard_normal(x.shape)
-        y = y + 1e-10 * np.maximum(1.0, np.abs(y).mean(axis=-1, keepdims=True)) * rng.standard_normal(y.shape)
     terms = np.empty((batch, n), dtype=np.float64)
     for b in range(batch):  # one tree per problem (pairs x timesteps), never per sample
         points = np.column_stack([x[b], y[b]])

@@ -35,6 +35,23 @@ def _standardise(v: np.ndarray) -> np.ndarray:
     return v / np.where(std > 0, std, 1.0)
 
 
+def ksg_inputs(x: np.ndarray, y: np.ndarray, k: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The KSG estimators' inputs: float64 (B, N) rows scaled to unit standard deviation and,
+    given ``rng``, jittered by 1e-10 relative to max(1, mean |v|) (scikit-learn's tie breaking);
+    one-line ValueErrors for mismatched shapes or k outside [1, N)."""
+    x = _standardise(np.asarray(x, dtype=np.float64))
+    y = _standardise(np.asarray(y, dtype=np.float64))
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"x and y must both have shape (B, N); got {x.shape} and {y.shape}")
+    n = x.shape[1]
+    if not 1 <= k < n:
+        raise ValueError(f"the KSG estimator needs 1 <= k < N samples; got k={k}, N={n}")
+    if rng is not None:
+        x = x + 1e-10 * np.maximum(1.0, np.abs(x).mean(axis=-1, keepdims=True)) * rng.standard_normal(x.shape)
+        y = y + 1e-10 * np.maximum(1.0, np.abs(y).mean(axis=-1, keepdims=True)) * rng.standard_normal(y.shape)
+    return x, y
+
+
 def ksg_mutual_information(
     x: np.ndarray, y: np.ndarray, k: int = 3, rng: np.random.Generator | None = None
 ) -> np.ndarray:
@@ -48,16 +65,8 @@ def ksg_mutual_information(
     ``rng`` adds scikit-learn's 1e-10 jitter (relative to max(1, mean |v|)) to break ties
     of discrete data; without it ties are counted as they are.
     """
-    x = _standardise(np.asarray(x, dtype=np.float64))
-    y = _standardise(np.asarray(y, dtype=np.float64))
-    if x.shape != y.shape or x.ndim != 2:
-        raise ValueError(f"x and y must both have shape (B, N); got {x.shape} and {y.shape}")
+    x, y = ksg_inputs(x, y, k, rng)
     batch, n = x.shape
-    if not 1 <= k < n:
-        raise ValueError(f"the KSG estimator needs 1 <= k < N samples; got k={k}, N={n}")
-    if rng is not None:
-        x = x + 1e-10 * np.maximum(1.0, np.abs(x).mean(axis=-1, keepdims=True)) * rng.standard_normal(x.shape)
-        y = y + 1e-10 * np.maximum(1.0, np.abs(y).mean(axis=-1, keepdims=True)) * rng.standard_normal(y.shape)
     out = np.empty(batch, dtype=np.float64)
     block = max(1, _MI_BLOCK_ELEMENTS // (n * n))
     diagonal = np.arange(n)
