@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from training import study
+from training import study, study_eval
 from training.args import parse_args
 from training.metrics_log import METRICS_FILE, append_record, read_records
 
@@ -95,10 +95,103 @@ def test_train_snapshot_and_resume_on_a_fresh_machine(tmp_path, qm9_datadir):
     for run in study.RUNS:
         shipped = study.ship(run, 2, live, state, tmp_path / "pretrained")
         assert {p.name for p in shipped.iterdir()} == {"args.pickle", "generative_model_ema.npy"}
-    results = study.evaluate(study.evaluation_rows(), tmp_path / "pretrained", n_samples=2, iterations=1, batch_size=2,
-                             out_stem=tmp_path / "results", nll=True, datadir=str(qm9_datadir),
-                             novelty=False)
+    results = study_eval.evaluate(study_eval.evaluation_rows(), tmp_path / "pretrained", n_samples=2, iterations=1,
+                                  batch_size=2, out_stem=tmp_path / "results", nll=True, datadir=str(qm9_datadir),
+                                  novelty=False)
     assert [r["steps"] for r in results] == [1000, 500, 50, 550, 550, 450, 275, 50]
     assert all(math.isfinite(r["test_nll"]) for r in results)
     table = (tmp_path / "results.md").read_text()
     assert table.count("| qm9_edm_small |") == 4 and table.count("| qm9_gaga_small |") == 4
+
+
+def test_rows_are_split_into_jobs_of_about_equal_sampling_cost():
+    rows = study_eval.evaluation_rows()
+    costs = [study_eval.row_cost(r) for r in rows]
+    assert costs == [1000, 500, 50, 550, 550, 450, 275, 50]
+    groups = study_eval.partition_rows(rows, 2)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    loads = [sum(costs[i] for i in g) for g in groups]
+    assert max(loads) - min(loads) <= 50  # 1,725 vs 1,700 network evaluations per molecule
+    assert study_eval.partition_rows(rows[:1], 4) == [[0]]
+    with pytest.raises(ValueError, match="between 1 and 8"):
+        study_eval.select_rows(rows, "0,9")
+    assert [r.label for r in study_eval.select_rows(rows, "3,8")] == [rows[2].label, rows[7].label]
+    assert len({r.slug for r in rows}) == 8
+
+
+def _tiny_shipped_model(root, qm9_datadir, name="qm9_gaga_small"):
+    """A tiny untrained run folder shipped under ``name`` (what ``ship`` writes)."""
+    import torch
+
+    from configs.run_args import save_run_args
+    from qm9.models import get_model
+    from training.checkpoint import EMA_FILE, atomic_torch_save
+
+    argv = study.training_command(name, epochs=1, resume=False, live_root=root)[2:]
+    args = parse_args(argv + ["--nf", "8", "--n_layers", "1", "--datadir", str(qm9_datadir)])
+    from configs.datasets_config import get_dataset_info
+
+    torch.manual_seed(0)
+    model, _, _ = get_model(args, torch.device("cpu"), get_dataset_info(args.dataset, args.remove_h), None)
+    atomic_torch_save(model.state_dict(), root / name / EMA_FILE)
+    save_run_args(root / name, args)
+    return root / name
+
+
+def test_a_stopped_evaluation_resumes_at_the_next_iteration(tmp_path, qm9_datadir, monkeypatch):
+    """Iterations are cached as they finish: asking for 2 after 1 samples only the second (same
+    seeds as an uninterrupted run); new weights invalidate the cache."""
+    from training import loop
+
+    model_root, cache = tmp_path / "pretrained", tmp_path / "cache"
+    _tiny_shipped_model(model_root, qm9_datadir)
+    row = [r for r in study_eval.evaluation_rows() if r.label.startswith("EDM+GAGA DPM")]
+    calls = []
+    real = loop.sample_molecules
+    monkeypatch.setattr(loop, "sample_molecules", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kwargs = dict(n_samples=3, batch_size=3, nll=False, datadir=str(qm9_datadir), novelty=False, cache_dir=cache)
+    first = study_eval.evaluate(row, model_root, iterations=1, **kwargs)[0]
+    assert len(calls) == 1
+    both = study_eval.evaluate(row, model_root, iterations=2, **kwargs)[0]
+    assert len(calls) == 2  # only the second iteration was sampled
+    fresh = study_eval.evaluate(row, model_root, iterations=2, **{**kwargs, "cache_dir": tmp_path / "other"})[0]
+    strip = lambda it: {k: v for k, v in it.items() if k not in ("seconds", "s_per_molecule", "threads")}
+    assert strip(both["iterations"][0]) == strip(first["iterations"][0])
+    assert [strip(i) for i in both["iterations"]] == [strip(i) for i in fresh["iterations"]]
+    assert len(calls) == 4
+    study_eval.evaluate(row, model_root, iterations=2, **kwargs)
+    assert len(calls) == 4  # everything cached
+
+    _tiny_shipped_model(model_root, qm9_datadir)  # same seed, same weights: still cached
+    study_eval.evaluate(row, model_root, iterations=1, **kwargs)
+    assert len(calls) == 4
+    import torch
+
+    from training.checkpoint import EMA_FILE, atomic_torch_save
+
+    state = torch.load(model_root / "qm9_gaga_small" / EMA_FILE, weights_only=True)
+    first_key = next(iter(state))
+    state[first_key] = state[first_key] + 0.01
+    atomic_torch_save(state, model_root / "qm9_gaga_small" / EMA_FILE)
+    study_eval.evaluate(row, model_root, iterations=1, **kwargs)
+    assert len(calls) == 5  # the weights changed: measured again
+
+
+def test_evaluate_command_runs_rows_in_parallel_jobs(tmp_path, qm9_datadir, monkeypatch):
+    """``evaluate --jobs 2`` fills the cache from two single-thread processes, then writes the table."""
+    import subprocess
+    import sys
+
+    model_root = tmp_path / "pretrained"
+    for name in study.RUNS:
+        _tiny_shipped_model(model_root, qm9_datadir, name)
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(study.REPO / "equal_budget.py"), "evaluate", "--rows", "3,8", "--jobs", "2",
+           "--n_samples", "2", "--iterations", "1", "--batch_size", "2", "--model_root", str(model_root),
+           "--cache_dir", str(tmp_path / "cache"), "--out", str(out), "--no_nll"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=study.REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("job ") == 2 and {p.name for p in (tmp_path / "cache").iterdir()} == {
+        "edm_dpm_solver_2m_50_steps.json", "edm_gaga_dpm_solver_2m_50_steps.json"}
+    table = out.with_suffix(".md").read_text()
+    assert "| EDM DPM-Solver++(2M) 50 steps | qm9_edm_small |" in table and "1 thread(s)" in table

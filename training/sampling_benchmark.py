@@ -106,14 +106,17 @@ def run_setting(
     device: torch.device,
     seed: int = 0,
     on_iteration: Callable[[int, dict[str, float], dict[str, torch.Tensor]], None] | None = None,
+    completed: Sequence[dict[str, float]] = (),
 ) -> dict[str, Any]:
     """Sample and evaluate ``iterations`` times; per-iteration results and their mean/std.
 
     ``sample_fn(n_samples, options)`` returns EDM's molecule dict; ``evaluate_fn`` its metrics.
     Iteration i is seeded with ``seed + i`` so settings are compared on the same seeds.
+    ``completed``: metrics of the first iterations measured earlier (a resumed evaluation); they are
+    kept and only the remaining iterations run, with their own seeds.
     """
-    runs = []
-    for i in range(iterations):
+    runs = [dict(r) for r in completed][:iterations]
+    for i in range(len(runs), iterations):
         torch.manual_seed(seed + i)
         np.random.seed(seed + i)
         if device.type == "cuda":

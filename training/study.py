@@ -292,121 +292,6 @@ def ship(run: str, epoch: int, live_root: Path = LIVE_ROOT, state_root: Path = S
     return out
 
 
-@dataclass(frozen=True)
-class EvalRow:
-    label: str
-    run: str
-    options: dict  # SamplingOptions fields
-
-
-def evaluation_rows(t_star: int = GAGA_T_STAR, earlier: int = 450, ddim_stride: int = 2, solver_steps: int = 50,
-                    v: float = GAGA_DATASET_VAR, T: int = 1000) -> list[EvalRow]:
-    """The study's table: EDM's chains, GAGA's, the control (EDM's model from GAGA's start), and
-    DPM-Solver++(2M) rows of about ``solver_steps`` steps for both models."""
-    from equivariant_diffusion.samplers import stride_for_steps
-
-    edm, gaga = list(RUNS)
-    edm_solver, gaga_solver = stride_for_steps(T, solver_steps), stride_for_steps(t_star, solver_steps)
-    return [
-        EvalRow("EDM full chain", edm, dict(sampler="ddpm", start_step=None, step_size=1, dataset_var=1.0)),
-        EvalRow(f"EDM DDIM stride {ddim_stride}", edm, dict(sampler="ddim", start_step=None, step_size=ddim_stride, dataset_var=1.0)),
-        EvalRow(f"EDM DPM-Solver++(2M) {T // edm_solver} steps", edm,
-                dict(sampler="dpm_solver_2m", start_step=None, step_size=edm_solver, dataset_var=1.0)),
-        EvalRow(f"EDM model, Gaussian start at {t_star} (no GAGA training)", edm,
-                dict(sampler="ddpm", start_step=t_star, step_size=1, dataset_var=v)),
-        EvalRow(f"EDM+GAGA at T*={t_star}", gaga, dict(sampler="ddpm", start_step=t_star, step_size=1, dataset_var=v)),
-        EvalRow(f"EDM+GAGA started at {earlier}", gaga, dict(sampler="ddpm", start_step=earlier, step_size=1, dataset_var=v)),
-        EvalRow(f"EDM+GAGA DDIM stride {ddim_stride}", gaga,
-                dict(sampler="ddim", start_step=t_star, step_size=ddim_stride, dataset_var=v)),
-        EvalRow(f"EDM+GAGA DPM-Solver++(2M) {t_star // gaga_solver} steps", gaga,
-                dict(sampler="dpm_solver_2m", start_step=t_star, step_size=gaga_solver, dataset_var=v)),
-    ]
-
-
-def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iterations: int, batch_size: int = 100,
-             seed: int = 0, out_stem: Path | None = None, nll: bool = True, datadir: str | None = None,
-             novelty: bool = True) -> list[dict]:
-    """Sample and score every row with the same code, seeds and budget; test NLL per model."""
-    import json
-
-    import torch
-
-    from equivariant_diffusion.samplers import SamplingOptions
-    from training import sampling_benchmark as bench
-    from training.evaluate import evaluate_molecules, load_run, training_smiles
-    from training.loop import sample_molecules
-
-    device = torch.device("cpu")
-    loaded = {run: load_run(model_root / run, device, datadir=datadir) for run in {r.run for r in rows}}
-    first = next(iter(loaded.values()))
-    smiles = training_smiles(first.args, first.dataset_info) if novelty else None
-    test_nll = {}
-    if nll:
-        for run, lr in loaded.items():
-            test_nll[run] = _test_nll(lr, datadir)
-            print(f"{run}: test NLL {test_nll[run]:.3f}", flush=True)
-    results = []
-    for row in rows:
-        lr = loaded[row.run]
-        T = int(lr.args.diffusion_steps)
-        opts = SamplingOptions(**row.options).validated(T)
-        setting = bench.SamplingSetting(row.label, opts.start_step, opts.step_size, opts.sampler, opts.dataset_var)
-
-        def sample_fn(n: int, options: dict, lr=lr) -> dict:
-            return sample_molecules(lr.args, lr.model, lr.nodes_dist, lr.dataset_info, device, n,
-                                    batch_size=batch_size, options=options)
-
-        print(f"{row.label}: {setting.n_steps(T)} steps, {n_samples} molecules x {iterations}", flush=True)
-        result = bench.run_setting(setting, sample_fn, lambda m, lr=lr: evaluate_molecules(m, lr.dataset_info, smiles),
-                                   n_samples, iterations, T, device, seed=seed)
-        result["run"], result["test_nll"] = row.run, test_nll.get(row.run)
-        results.append(result)
-        print(bench.markdown_table([result], baseline_index=None).splitlines()[2], flush=True)
-    if out_stem is not None:
-        out_stem.parent.mkdir(parents=True, exist_ok=True)
-        out_stem.with_suffix(".md").write_text(markdown_report(results) + "\n")
-        out_stem.with_suffix(".json").write_text(json.dumps({"results": results, "test_nll": test_nll}, indent=1))
-    return results
-
-
-def _test_nll(lr, datadir: str | None) -> float:
-    import torch
-
-    from qm9.dataset import retrieve_dataloaders
-    from training.data import build_loaders
-    from training.loop import test
-    from training.run import seed_everything
-
-    args = lr.args
-    if datadir is not None:
-        args.datadir = datadir
-    loaders = build_loaders(retrieve_dataloaders(args)[0], args)
-    seed_everything(0)
-    return test(args, loaders["test"], 0, lr.model, torch.device("cpu"), torch.float32, lr.nodes_dist, "Test")
-
-
-def markdown_report(results: Sequence[dict]) -> str:
-    """| model | start | steps | atom stab | mol stab | valid | V x U | novelty | s/mol | (mean ± std over iterations)."""
-    from training.sampling_benchmark import _pm
-
-    header = ["row", "model", "start", "steps", "atom stab (%)", "mol stab (%)", "valid (%)", "V x U (%)",
-              "novelty (%)", "s / mol", "test NLL"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
-        setting = r["setting"]
-        start = f"N(0, v_{setting['start_step']}) at {setting['start_step']}" if setting["start_step"] else "N(0, I) at 1000"
-        nll = r.get("test_nll")
-        lines.append("| " + " | ".join([
-            r["label"], r["run"], start, str(r["steps"]), _pm(r, "atm_stable"), _pm(r, "mol_stable"), _pm(r, "validity"),
-            _pm(r, "validity_x_uniqueness"), _pm(r, "novelty"), _pm(r, "s_per_molecule", 1.0, 4),
-            "n/a" if nll is None else f"{nll:.2f}",
-        ]) + " |")
-    n, k = results[0]["n_samples"], len(results[0]["iterations"])
-    lines += ["", f"{n} molecules per iteration, {k} iterations, mean ± std; seconds per molecule are wall clock "
-                  f"on {results[0]['device']}, measured in one process."]
-    return "\n".join(lines)
-
-
 PILOT_ROOT = Path("outputs/equal_budget_pilot")
 
 
@@ -527,12 +412,40 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=str(PRETRAINED_ROOT / "equal_budget_results"))
     ev.add_argument("--rows", default="", help="comma-separated row numbers (1-based) to run; default all")
     ev.add_argument("--no_nll", action="store_true")
+    ev.add_argument("--jobs", type=int, default=1, help="sample the rows in this many processes, one thread each")
+    ev.add_argument("--cache_dir", default=str(PRETRAINED_ROOT / "equal_budget_eval"),
+                    help="finished iterations per row (a stopped evaluation resumes from them)")
+    ev.add_argument("--no_report", action="store_true", help=argparse.SUPPRESS)  # parallel jobs: fill the cache only
     sub.add_parser("status", help="where each run is")
     c = sub.add_parser("curves", help="PNG of validation NLL and stability against steps for both runs")
     c.add_argument("--out", default=str(STATE_ROOT.parent / "training_curves.png"))
     s = sub.add_parser("snapshot", help="copy the live runs' resumable state to pretrained/training_state")
     s.add_argument("--runs", default=",".join(RUNS))
     return p
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    from training import study_eval
+
+    if args.n_samples < 1 or args.iterations < 1 or args.batch_size < 1 or args.jobs < 1:
+        raise UserInputError("--n_samples, --iterations, --batch_size and --jobs must be >= 1")
+    all_rows = study_eval.evaluation_rows()
+    rows = study_eval.select_rows(all_rows, args.rows)
+    missing = [r for r in sorted({row.run for row in rows}) if not (Path(args.model_root) / r / "args.pickle").is_file()]
+    if missing:
+        raise RunFolderError(f"no shipped model for {missing} under {args.model_root}; run `python equal_budget.py ship --epochs N` first")
+    cache_dir = Path(args.cache_dir)
+    if args.jobs > 1:
+        numbers = [all_rows.index(r) + 1 for r in rows]
+        study_eval.evaluate_in_parallel(numbers, rows, args.jobs, [
+            "--n_samples", str(args.n_samples), "--iterations", str(args.iterations), "--batch_size", str(args.batch_size),
+            "--model_root", args.model_root, "--cache_dir", str(cache_dir)], REPO / "equal_budget.py")
+    results = study_eval.evaluate(rows, Path(args.model_root), args.n_samples, args.iterations, args.batch_size,
+                                  out_stem=None if args.no_report else Path(args.out), nll=not args.no_nll,
+                                  cache_dir=cache_dir)
+    if not args.no_report:
+        print(study_eval.markdown_report(results))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -562,21 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(ship(run, args.epochs))
         return 0
     if args.command == "evaluate":
-        if args.n_samples < 1 or args.iterations < 1 or args.batch_size < 1:
-            raise UserInputError("--n_samples, --iterations and --batch_size must be >= 1")
-        rows = evaluation_rows()
-        if args.rows:
-            try:
-                rows = [rows[int(i) - 1] for i in args.rows.split(",")]
-            except (ValueError, IndexError):
-                raise UserInputError(f"--rows {args.rows!r}: give row numbers between 1 and {len(rows)}") from None
-        missing = [r for r in {row.run for row in rows} if not (Path(args.model_root) / r / "args.pickle").is_file()]
-        if missing:
-            raise RunFolderError(f"no shipped model for {missing} under {args.model_root}; run `python equal_budget.py ship --epochs N` first")
-        results = evaluate(rows, Path(args.model_root), args.n_samples, args.iterations, args.batch_size,
-                           out_stem=Path(args.out), nll=not args.no_nll)
-        print(markdown_report(results))
-        return 0
+        return _evaluate_command(args)
     if args.command == "status":
         print("\n".join(status(runs)))
         return 0
