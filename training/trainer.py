@@ -46,6 +46,7 @@ from training.distributed import DistContext, all_reduce_sum, all_true, barrier,
 from training.ema import EMA
 from training.loop import StopRequested, TrainState, analyze_and_save, test
 from training.metrics_log import append_record
+from training.signals import StopOnSignal
 
 Batch = tuple  # (x, h, node_mask, edge_mask, context), see qm9.losses.preprocess_batch
 
@@ -65,6 +66,7 @@ class Trainer:
         self.args, self.ctx, self.model, self.nodes_dist = args, ctx, model, nodes_dist
         self.run_dir, self.loaders, self.dataset_info, self.prop_dist = run_dir, loaders, dataset_info, prop_dist
         self.device, self.dtype = ctx.device, torch.float32
+        self.stop_signal: StopOnSignal | None = None  # set while fit() runs
         self.optim = self.build_optimizer()
         self.gradnorm_queue = new_gradnorm_queue()
         self.model_ema = copy.deepcopy(model) if args.ema_decay > 0 else None
@@ -283,6 +285,10 @@ class Trainer:
             self.checkpoint()
         if args.stop_after_steps is not None and state.global_step >= args.stop_after_steps:
             raise StopRequested(f"stopped after {state.global_step} steps (--stop_after_steps)")
+        if self.stop_signal is not None and self.stop_signal.requested and not last_of_epoch:
+            self.checkpoint()
+            raise StopRequested(f"stopped by {self.stop_signal.requested} after {state.global_step} steps; "
+                                f"the resume state is saved: continue with --resume {self.run_dir}")
         return False
 
     # ------------------------------------------------------------------ evaluation and checkpoints
@@ -344,6 +350,8 @@ class Trainer:
         args, state = self.args, self.state
         batch_size = per_process_batch_size(args.batch_size, self.ctx.world_size)
         try:
+            # Not under DDP: every process would have to agree on the step to stop at (a collective per step).
+            self.stop_signal = StopOnSignal(enabled=not self.ctx.distributed and args.save_model).__enter__()
             for epoch in range(state.epoch, args.n_epochs):
                 state.epoch = epoch
                 self.loaders["train"].sampler.set_epoch(epoch, start=state.step_in_epoch * batch_size)
@@ -359,6 +367,9 @@ class Trainer:
             if self.ctx.is_main:
                 print(str(e))
         finally:
+            if self.stop_signal is not None:
+                self.stop_signal.__exit__()
+                self.stop_signal = None
             if self.logger is not None:
                 self.logger.finish()
         return self.summary()

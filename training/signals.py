@@ -1,0 +1,42 @@
+"""Stop a training run cleanly on SIGTERM / Ctrl-C: the step in flight finishes, the resume state is
+written, and the run ends; ``--resume`` then continues exactly there instead of at the last periodic
+checkpoint. A second signal stops at once (the usual KeyboardInterrupt)."""
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopOnSignal:
+    """Context manager; ``requested`` is the name of the signal received, or None."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        # Handlers can only be set from the main thread; a run started elsewhere keeps the defaults.
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested} received: finishing the current step and saving the resume state "
+              "(send it again to stop at once)", flush=True)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "StopOnSignal":
+        if self.enabled:
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
