@@ -195,3 +195,30 @@ def test_evaluate_command_runs_rows_in_parallel_jobs(tmp_path, qm9_datadir, monk
         "edm_dpm_solver_2m_50_steps.json", "edm_gaga_dpm_solver_2m_50_steps.json"}
     table = out.with_suffix(".md").read_text()
     assert "| EDM DPM-Solver++(2M) 50 steps | qm9_edm_small |" in table and "1 thread(s)" in table
+
+
+def test_ship_takes_an_epochs_weights_from_its_per_epoch_copy(tmp_path, qm9_datadir):
+    """A run past the budget's epoch ships the EMA copy that epoch's validation left behind, and
+    refuses an epoch it has neither a resume state nor a copy of."""
+    import torch
+
+    from configs.run_args import load_run_args, save_run_args
+    from training.checkpoint import EMA_FILE, atomic_torch_save, save_resume_state
+
+    live = tmp_path / "outputs"
+    run_dir = _tiny_shipped_model(live, qm9_datadir, "qm9_edm_small")
+    args = load_run_args(run_dir)
+    weights = torch.load(run_dir / EMA_FILE, weights_only=True)
+    save_resume_state(run_dir, {"state": {"epoch": 4, "step_in_epoch": 10, "global_step": 100}, "model": weights,
+                                "model_ema": weights})
+    epoch_2 = {k: v + 1.0 for k, v in weights.items()}
+    atomic_torch_save(epoch_2, run_dir / "generative_model_ema_2.npy")
+    args.current_epoch = 3
+    save_run_args(run_dir, args, "args_2.pickle")
+
+    shipped = study.ship("qm9_edm_small", 3, live, tmp_path / "state", tmp_path / "pretrained")
+    got = torch.load(shipped / EMA_FILE, weights_only=True)
+    assert all(torch.equal(got[k], epoch_2[k]) for k in weights)
+    assert load_run_args(shipped).current_epoch == 3
+    with pytest.raises(ValueError, match="not at the end of epoch 2"):
+        study.ship("qm9_edm_small", 2, live, tmp_path / "state", tmp_path / "pretrained")

@@ -271,23 +271,35 @@ PRETRAINED_ROOT = REPO / "pretrained"
 
 def ship(run: str, epoch: int, live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT,
          out_root: Path = PRETRAINED_ROOT) -> Path:
-    """Write ``<out_root>/<run>/{args.pickle, generative_model_ema.npy}`` from the run's resume state,
-    which must be exactly at the end of ``epoch`` (the equal budget): a folder every script loads."""
+    """Write ``<out_root>/<run>/{args.pickle, generative_model_ema.npy}`` with the EMA weights at the
+    end of ``epoch`` (the equal budget): a folder every script loads.
+
+    The weights come from the resume state when the run stopped exactly there, else from the
+    per-epoch copy (``generative_model_ema_<epoch - 1>.npy``) that a validation epoch with a new
+    best validation NLL leaves in the live folder.
+    """
     import torch
 
-    from configs.run_args import load_run_args, save_run_args
+    from configs.run_args import load_run_args, loads_args, save_run_args
     from training.checkpoint import EMA_FILE, atomic_torch_save
 
     folder = live_root / run if (live_root / run / "resume_state.pt").is_file() else state_root / run
     progress = run_progress(folder)
-    if progress is None or progress["epoch"] != epoch or progress["step_in_epoch"] != 0:
-        raise RunFolderError(f"{run} is at {progress}, not at the end of epoch {epoch}; train it there first "
-                         f"(python equal_budget.py train --epochs {epoch})")
-    saved = torch.load(folder / "resume_state.pt", map_location="cpu", weights_only=True)
-    args = load_run_args(folder)
+    per_epoch = live_root / run / f"generative_model_ema_{epoch - 1}.npy"
+    per_epoch_args = live_root / run / f"args_{epoch - 1}.pickle"
+    if progress is not None and progress["epoch"] == epoch and progress["step_in_epoch"] == 0:
+        saved = torch.load(folder / "resume_state.pt", map_location="cpu", weights_only=True)
+        weights = saved["model_ema"] if saved["model_ema"] is not None else saved["model"]
+        args = load_run_args(folder)
+    elif per_epoch.is_file() and per_epoch_args.is_file() and getattr(
+            args := loads_args(per_epoch_args.read_bytes(), source=str(per_epoch_args)), "current_epoch", None) == epoch:
+        weights = torch.load(per_epoch, map_location="cpu", weights_only=True)
+    else:
+        raise RunFolderError(f"{run} is at {progress}, not at the end of epoch {epoch}, and has no per-epoch EMA "
+                             f"copy of that epoch; train it there first (python equal_budget.py train --epochs {epoch})")
     args.current_epoch, args.n_epochs, args.resume = epoch, epoch, None
     out = out_root / run
-    atomic_torch_save(saved["model_ema"] if saved["model_ema"] is not None else saved["model"], out / EMA_FILE)
+    atomic_torch_save(weights, out / EMA_FILE)
     save_run_args(out, args)
     return out
 
