@@ -42,6 +42,8 @@ FLAG_RULES = {
     "sampling_step_size": at_least(1, optional=True),
     "data_subset": at_least(1, optional=True),
     "log_interval": at_least(1),
+    "n_frames": at_least(2, high=10_000),
+    "n_nodes": at_least(1, high=29),
 }
 
 
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sampling_step_size", type=int, default=None, help="stride of the reverse chain, e.g. DDIM's (default: the run's)")
     a("--sampler", type=str, default=None, choices=sampler_names(), help="ddpm, ddim, ... (default: the run's)")
     a("--gif", type=str2bool, default=False, help="qualitative: also an animated GIF per sweep")
+    a("--n_frames", type=int, default=100, help="qualitative: molecules per sweep (EDM: 100)")
+    a("--n_nodes", type=int, default=19, help="qualitative: atoms of the swept molecules (EDM: 19)")
     a("--datadir", type=str, default=None, help="dataset cache folder (default: the run's)")
     a("--data_subset", type=optional_int, default=None, help="qm9_second_half/naive/table: first N molecules of the half")
     a("--output_root", type=str, default="outputs", help="parent of outputs/<exp_name>")
@@ -145,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for prop, summary in ce.evaluate_generated(run, classifiers, options, iterations, flags.batch_size, device).items():
             results.setdefault(prop, {})["edm"] = summary
     if flags.task == "qualitative":
-        pictures = ce.sweep(run, options, out_dir / "qualitative", flags.n_sweeps, gif=flags.gif)
+        pictures = ce.sweep(run, options, out_dir / "qualitative", flags.n_sweeps, n_nodes=flags.n_nodes,
+                            n_frames=flags.n_frames, gif=flags.gif)
         record["pictures"] = [str(p) for p in pictures]
         print(f"{flags.n_sweeps} sweeps written to {out_dir / 'qualitative'}")
     record["seconds"] = round(time.time() - start, 1)

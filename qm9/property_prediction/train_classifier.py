@@ -47,7 +47,7 @@ MODEL_NAMES = ("egnn", "numnodes")
 CLASSIFIER_DATASETS = ("qm9_first_half", "qm9_second_half", "qm9")
 # Flags a resumed run may change; everything else (--epochs too: it is the cosine period) must match.
 RESUME_OVERRIDABLE = {"test_interval", "log_interval", "num_workers", "no_cuda", "datadir", "save_model",
-                      "group_by_size", "resume", "outf"}
+                      "group_by_size", "resume", "outf", "stop_after_epochs"}
 
 FLAG_RULES = {
     "batch_size": at_least(1, high=100_000),
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data_subset", type=int, default=None, help="use only the first N molecules of each split (quick runs)")
     a("--group_by_size", type=str, default="auto", choices=("auto", "true", "false"),
       help="run the network on size groups (auto: on the CPU); same outputs, less padding")
+    a("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
     return p
 
 
@@ -177,8 +178,9 @@ def _save_torch(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _resolve_run_folder(args: argparse.Namespace) -> tuple[Path, dict | None]:
-    """The run folder and, with --resume, its saved state (stored flags checked against the command line)."""
+def _resolve_run_folder(args: argparse.Namespace, explicit: set[str] | None = None) -> tuple[Path, dict | None]:
+    """The run folder and, with --resume, its saved state. Resuming takes the stored flags; a flag
+    written on the command line (``explicit``; None = all) may differ only if it is overridable."""
     run_dir = Path(args.outf) / args.exp_name
     if args.resume:
         path = run_dir / RESUME_FILE
@@ -186,9 +188,14 @@ def _resolve_run_folder(args: argparse.Namespace) -> tuple[Path, dict | None]:
             raise RunFolderError(f"--resume: {path} does not exist; start the run without --resume")
         stored = load_run_args(run_dir)
         for key, value in vars(stored).items():
-            if key not in RESUME_OVERRIDABLE and key != "overwrite" and getattr(args, key, value) != value:
+            given = explicit is None or key in explicit
+            if key in RESUME_OVERRIDABLE or key == "overwrite" or not hasattr(args, key):
+                continue
+            if given and getattr(args, key) != value:
                 raise UserInputError(f"--{key} cannot change when resuming (the run has {value!r}, you passed "
                                      f"{getattr(args, key)!r}); drop it, or start a new run")
+            setattr(args, key, value)
+        check_args(args)
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
@@ -205,11 +212,12 @@ def _resolve_run_folder(args: argparse.Namespace) -> tuple[Path, dict | None]:
     return run_dir, None
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[str, Any]:
     """Train (or continue) a classifier; returns EDM's log dict (epochs, losess, best_val, best_test,
-    best_epoch) plus the last validation/test MAE and the run folder."""
+    best_epoch) plus the last validation/test MAE and the run folder. ``explicit``: the flags written
+    on the command line (a resumed run takes the others from its args.pickle)."""
     args = check_args(args)
-    run_dir, saved = _resolve_run_folder(args)
+    run_dir, saved = _resolve_run_folder(args, explicit)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.no_cuda else "cpu")
     splits = load_splits(args)
     norms = compute_mean_mad_from_dataloader(splits["valid"], [args.property])[args.property]
@@ -231,7 +239,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.save_model:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(run_dir)
-        save_run_args(run_dir, argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}))
+        save_run_args(run_dir, argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                                     if k not in ("resume", "overwrite", "stop_after_epochs")}))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model_name} for {args.property}: {n_params:,} parameters; train {len(data['train'])} ({args.dataset}), "
           f"valid {len(data['valid'])}, test {len(data['test'])}; mean {float(mean):.4f}, MAD {float(mad):.4f}; {device}")
@@ -275,12 +284,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_model:
             _save_torch(run_dir / RESUME_FILE, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                 "scheduler": scheduler.state_dict(), "log": log, "epoch": epoch + 1})
+        if args.stop_after_epochs is not None and epoch + 1 >= args.stop_after_epochs:
+            print(f"stopped after {epoch + 1} epochs (--stop_after_epochs)")
+            break
     return {**log, "val_mae": val_mae, "test_mae": test_mae, "run_dir": str(run_dir), "model": model}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse main_qm9_prop.py's command line and train."""
-    return train(build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    explicit_parser = build_parser()
+    for action in explicit_parser._actions:  # noqa: SLF001 - argparse has no public API for this
+        action.default = argparse.SUPPRESS
+    return train(args, set(vars(explicit_parser.parse_args(argv))))
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, argparse.Namespace]:
