@@ -389,3 +389,20 @@ def test_classifier_refuses_to_overwrite_a_run_and_resume_checks_flags(classifie
         with pytest.raises(SystemExit):
             main_qm9_prop.main(["--outf", str(classifiers), *argv])
         assert expected in capsys.readouterr().err
+
+
+def test_ddp_padding_pads_the_context_with_the_atoms(monkeypatch, qm9_datadir):
+    """Under DDP a shard is padded to the global batch's largest molecule; its context must follow."""
+    from qm9.data.collate import PaddedMoleculeDataset
+    from training import loop
+    from training.distributed import DistContext
+
+    batch = PaddedMoleculeDataset(load_qm9(qm9_datadir, "valid", progress=False)).__getitems__([0, 1, 2])
+    n_own = batch["positions"].shape[1]
+    monkeypatch.setattr(loop, "all_reduce_max_int", lambda value, ctx: value + 4)
+    args = parse_args(["--conditioning", "alpha", "--dataset", "qm9_second_half", "--include_charges", "False"])
+    norms = {"alpha": {"mean": torch.tensor(75.0), "mad": torch.tensor(6.0)}}
+    x, h, node_mask, edge_mask, context = loop._prepare(args, batch, "cpu", torch.float32, DistContext(world_size=2), norms)
+    assert x.shape[1] == context.shape[1] == node_mask.shape[1] == n_own + 4
+    assert torch.equal(context[:, n_own:], torch.zeros(3, 4, 1))
+    assert torch.equal(context[:, :n_own, 0], ((batch["alpha"] - 75.0) / 6.0).unsqueeze(1) * batch["atom_mask"])
