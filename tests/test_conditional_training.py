@@ -406,3 +406,14 @@ def test_ddp_padding_pads_the_context_with_the_atoms(monkeypatch, qm9_datadir):
     assert x.shape[1] == context.shape[1] == node_mask.shape[1] == n_own + 4
     assert torch.equal(context[:, n_own:], torch.zeros(3, 4, 1))
     assert torch.equal(context[:, :n_own, 0], ((batch["alpha"] - 75.0) / 6.0).unsqueeze(1) * batch["atom_mask"])
+
+
+def test_in_training_pictures_of_a_conditional_run_include_edms_sweep(conditional_run, tmp_path):
+    from training.evaluate import load_run
+    from training.visualize import make_visualize_fn
+
+    run_dir, _, _ = conditional_run
+    run = load_run(run_dir, torch.device("cpu"))
+    make_visualize_fn(run.model, run.nodes_dist, run.args, "cpu", run.dataset_info, run.prop_dist, tmp_path)(0, 1)
+    sweep = tmp_path / "epoch_0_1" / "conditional"
+    assert len(list(sweep.glob("conditional_*.xyz"))) == 100 and (sweep / "chain.png").is_file()
