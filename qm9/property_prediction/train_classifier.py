@@ -285,7 +285,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                 log.update(best_val=val_mae, best_test=test_mae, best_epoch=epoch)
                 if args.save_model:
                     _save_torch(run_dir / CHECKPOINT_FILE, model.state_dict())
-            message += (f"; valid MAE {val_mae:.4f}, test MAE {test_mae:.4f}; best valid {log['best_val']:.4f} "
+            test_text = "not computed (no improvement)" if math.isnan(test_mae) else f"{test_mae:.4f}"
+            message += (f"; valid MAE {val_mae:.4f}, test MAE {test_text}; best valid {log['best_val']:.4f} "
                         f"(test {log['best_test']:.4f}, epoch {log['best_epoch']})")
             if args.save_model:
                 atomic_write_bytes(run_dir / LOG_FILE, json.dumps(log).encode())
