@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     start = time.time()
     molecules = sample_molecules(args, run.model, run.nodes_dist, run.dataset_info, device, eval_args.n_samples,
-                                 batch_size=eval_args.batch_size_gen, options=options)
+                                 batch_size=eval_args.batch_size_gen, prop_dist=run.prop_dist, options=options)
     seconds_sampling = time.time() - start
     start = time.time()
     smiles = None if eval_args.no_novelty else training_smiles(args, run.dataset_info)
@@ -112,8 +112,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         args.data_subset = eval_args.data_subset
         loaders = build_loaders(retrieve_dataloaders(args)[0], args)
-        metrics["nll_val"] = test(args, loaders["valid"], 0, run.model, device, torch.float32, run.nodes_dist, "Val")
-        metrics["nll_test"] = test(args, loaders["test"], 0, run.model, device, torch.float32, run.nodes_dist, "Test")
+        norms = run.property_norms  # conditional runs: NLL given the true property values (EDM's crashed here)
+        metrics["nll_val"] = test(args, loaders["valid"], 0, run.model, device, torch.float32, run.nodes_dist, "Val",
+                                  property_norms=norms)
+        metrics["nll_test"] = test(args, loaders["test"], 0, run.model, device, torch.float32, run.nodes_dist, "Test",
+                                   property_norms=norms)
 
     record = {
         "model_path": str(out_dir), "weights": run.weights.name, "n_samples": eval_args.n_samples, "seed": eval_args.seed,

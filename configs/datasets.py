@@ -212,3 +212,38 @@ GEOM = register_dataset(DatasetEntry(
     published_var=0.952,
     published_t_star=650,
 ))
+
+# EDM's halves of the QM9 train split (qm9.data.halves builds them: np.random.seed(42)
+# permutation, 50,000 molecules each; valid/test not halved). The conditional generator trains
+# on the second half, the property classifier on the first. EDM's
+# configs/datasets_config.py::qm9_second_half['n_nodes'] in EDM's dict order (the Categorical
+# index of DistributionNodes follows it, so seeded draws need it); the first half's histogram
+# is the rest of QM9's (EDM has none). tests/test_conditional_data.py checks both on the data.
+QM9_SECOND_HALF_N_NODES = {
+    19: 6944, 12: 845, 20: 4794, 21: 4962, 27: 132, 25: 754, 18: 6695, 14: 2587, 15: 3865,
+    22: 1701, 17: 6461, 16: 5344, 23: 2380, 13: 1541, 24: 267, 10: 178, 7: 7, 11: 412, 8: 25,
+    9: 62, 29: 15, 26: 17, 4: 3, 3: 1, 6: 5, 5: 3,
+}
+
+
+def _qm9_half_info(name: str) -> dict[str, Any]:
+    info = dict(_builtin_infos()["qm9_with_h"])
+    if name == "qm9_second_half":
+        info["n_nodes"] = dict(QM9_SECOND_HALF_N_NODES)
+    else:
+        rest = {n: c - QM9_SECOND_HALF_N_NODES.get(n, 0) for n, c in info["n_nodes"].items()}
+        info["n_nodes"] = {n: c for n, c in rest.items() if c > 0}
+    info["name"] = name
+    return info
+
+
+# GAGA's v and T* are properties of QM9's data, so the halves carry QM9's published values.
+# Halves exist with hydrogens only (as in EDM).
+QM9_FIRST_HALF, QM9_SECOND_HALF = (
+    register_dataset(DatasetEntry(
+        name=name, family="qm9", info={False: _qm9_half_info(name)}, chain_n_nodes=19,
+        split_arrays=f"qm9.data.halves:{loader}", default_datadir="qm9/temp",
+        published_var=0.848, published_t_star=550,
+    ))
+    for name, loader in (("qm9_first_half", "load_first_half"), ("qm9_second_half", "load_second_half"))
+)

@@ -26,6 +26,10 @@ def _loader_arrays(loader: Any) -> Mapping[str, np.ndarray]:
     if isinstance(loader, Mapping):
         return loader
     dataset = getattr(loader, "dataset", loader)
+    if isinstance(dataset, torch.utils.data.Subset):  # --data_subset: the first molecules of a split
+        rows = np.asarray(dataset.indices)
+        parent = _loader_arrays(dataset.dataset)
+        return {key: np.asarray(value)[rows] for key, value in parent.items()}
     arrays = getattr(dataset, "arrays", None)
     if arrays is None:
         raise ValueError("property statistics need a QM9 dataloader (its dataset holds the property arrays)")
@@ -103,6 +107,9 @@ class DistributionProperty:
         self.properties = list(properties)
         self.num_bins = int(num_bins)
         self.normalizer = normalizer
+        # EDM raises for a size without training molecules. A --data_subset run holds only some
+        # sizes while N is drawn from the full histogram: it sets this to draw from the nearest size.
+        self.nearest_size_fallback = False
         num_atoms = torch.as_tensor(np.asarray(arrays["num_atoms"])).long()
         self.distributions: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         for prop in self.properties:
@@ -128,6 +135,8 @@ class DistributionProperty:
 
     def _draw(self, prop: str, n_nodes: int) -> torch.Tensor:
         by_size = self.distributions[prop]
+        if n_nodes not in by_size and self.nearest_size_fallback and by_size:
+            n_nodes = min(by_size, key=lambda n: (abs(n - n_nodes), n))
         if n_nodes not in by_size:
             raise ValueError(f"no training molecule has {n_nodes} atoms: cannot draw {prop!r} for that size")
         entry = by_size[n_nodes]

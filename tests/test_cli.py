@@ -114,11 +114,16 @@ def test_bad_flags_are_argparse_errors(argv, expected, capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["--diffusion_steps", "1000", "--max_t", "1001"], "--max_t must be between 1 and --diffusion_steps"),
     (["--normalize_factors", "[1,4]"], "must be three finite positive numbers"),
-    (["--conditioning", "alpha"], "not supported"),
+    (["--conditioning", "beta"], "--conditioning: unknown property 'beta'; choose from alpha, gap, homo, lumo, mu, Cv"),
+    (["--conditioning", "cv"], "(did you mean Cv?)"),
+    (["--conditioning", "alpha", "alpha"], "--conditioning names alpha more than once"),
+    (["--conditioning", "alpha", "--dataset", "qm9_first_half"], "--conditioning needs --dataset qm9_second_half"),
+    (["--conditioning", "alpha", "--model", "gnn_dynamics"], "not supported by --model gnn_dynamics"),
     (["--dataset_var", "0"], "--dataset_var must be a finite number > 0"),
     (["--diffusion_steps", "1000", "--max_t", "550", "--sampling_step_size", "3"], "must divide the chain's start"),
 ])
 def test_inconsistent_flags_are_one_line_errors(argv, expected):
+    """(--conditioning's valid uses: tests/test_conditional_training.py.)"""
     with pytest.raises(UserInputError) as exit_info:
         parse_args(argv)
     message = str(exit_info.value)

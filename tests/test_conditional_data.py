@@ -161,21 +161,16 @@ def test_distribution_property_histograms_and_seeded_draws_equal_edm(halves, val
 
 
 def test_retrieve_dataloaders_serves_the_halves(qm9_datadir):
-    from configs.datasets import find_dataset, unregister_dataset
-    from qm9.data.halves import register_qm9_halves
+    from configs.datasets import QM9_SECOND_HALF, find_dataset
     from qm9.dataset import retrieve_dataloaders
     from qm9.models import get_model
 
     args = argparse.Namespace(dataset="qm9_second_half", datadir=str(qm9_datadir), batch_size=32, num_workers=0,
                               remove_h=False, filter_n_atoms=None)
-    assert find_dataset("qm9_second_half") is None  # not a built-in yet
-    register_qm9_halves()
-    try:
-        loaders, charge_scale = retrieve_dataloaders(args)
-        first, _ = retrieve_dataloaders(argparse.Namespace(**{**vars(args), "dataset": "qm9_first_half"}))
-    finally:
-        for name in ("qm9_first_half", "qm9_second_half"):
-            unregister_dataset(name)
+    assert find_dataset("qm9_second_half") is QM9_SECOND_HALF  # built in
+    assert (QM9_SECOND_HALF.family, QM9_SECOND_HALF.published_var, QM9_SECOND_HALF.published_t_star) == ("qm9", 0.848, 550)
+    loaders, charge_scale = retrieve_dataloaders(args)
+    first, _ = retrieve_dataloaders(argparse.Namespace(**{**vars(args), "dataset": "qm9_first_half"}))
     assert int(charge_scale) == 9 and len(first["train"].dataset) == 50000
     assert len(loaders["train"].dataset) == 50000 and len(loaders["valid"].dataset) == qm9data.N_VALID
     assert "alpha" in next(iter(loaders["train"]))

@@ -70,6 +70,7 @@ def test_seeded_initialisation_equals_edm():
 
 def test_activations_and_prediction_equal_the_fixture():
     model = classifier()
+    model.group_by_size = "false"  # EDM's padded layout: the recorded activations include padded rows
     ref = fixture()
     seen = {}
     for i in range(2):
@@ -82,6 +83,9 @@ def test_activations_and_prediction_equal_the_fixture():
         # Padded rows included: EDM does not mask atoms inside the layers.
         assert_close(seen[key], ref["activations"][key], atol=1e-5, rtol=1e-5, msg=key)
     assert_close(pred, ref["pred"], atol=1e-5, rtol=0)
+    model.group_by_size = "true"  # size groups (the CPU default): the same prediction
+    assert_close(model(**kwargs), ref["pred"], atol=1e-5, rtol=0)
+    model.group_by_size = "false"
     # EDM's edge list (get_adj_matrix) is accepted; padding does not change the prediction.
     rows = ref["inputs"]["edges_row"], ref["inputs"]["edges_col"]
     assert torch.equal(model(**{**kwargs, "edges": rows}), pred)

@@ -130,7 +130,9 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     a("--num_workers", type=int, default=0, help="dataloader worker processes")
     a("--test_epochs", type=int, default=d["test_epochs"], help="validate, test and check stability every this many epochs")
     a("--data_augmentation", type=str2bool, default=False, help="random rotations of the training molecules")
-    a("--conditioning", nargs="+", default=[], help="property conditioning (not supported: no property labels)")
+    a("--conditioning", nargs="+", default=[],
+      help="properties to condition on, e.g. alpha or alpha gap (alpha, gap, homo, lumo, mu, Cv; EDM's units); "
+           "with --dataset qm9_second_half (EDM) or qm9")
     a("--resume", type=str, default=None, help="run folder to continue (outputs/<exp_name>)")
     a("--overwrite", action="store_true",
       help="start afresh in an existing run folder, replacing its weights (without it an existing run is refused)")
@@ -189,6 +191,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Validate every flag (ranges, then cross-field constraints) and turn ``zero_center_h`` into the
     bool a run records. Raises UserInputError, before any data is read or model built."""
     from training.args_check import check_training_flags
+    from training.conditioning import check_conditioning_flags
 
     check_training_flags(args)
     if args.max_t is not None and not 1 <= args.max_t <= args.diffusion_steps:
@@ -211,11 +214,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if args.data_subset is not None and args.data_subset < 1:
         raise UserInputError(f"--data_subset must be >= 1, got {args.data_subset}")
-    if args.conditioning:
-        raise UserInputError(
-            f"--conditioning {' '.join(args.conditioning)}: property conditioning is not supported by training yet "
-            "(the models and data support it: qm9.models.get_model with args.conditioning); drop the flag"
-        )
+    check_conditioning_flags(args)
     if args.probabilistic_model != "diffusion":
         raise UserInputError(f"--probabilistic_model {args.probabilistic_model!r} is not supported; use diffusion")
     choice = args.zero_center_h

@@ -31,6 +31,7 @@ class LoadedRun:
     prop_dist: Any
     dataset_info: dict
     weights: Path
+    property_norms: Any = None  # conditional runs: {prop: {'mean', 'mad'}} (training.conditioning)
 
 
 def check_run_config(args: argparse.Namespace, source: str) -> None:
@@ -91,6 +92,7 @@ def load_run(
     args: argparse.Namespace | None = None,
 ) -> LoadedRun:
     """The run's args (legacy fields filled), its model with weights loaded strictly, in eval mode.
+    A conditional run also gets its p(c | N) and property normaliser (read from its dataset).
 
     Raises RunFolderError / CheckpointError (one line) for a missing, unsafe or inconsistent folder.
     ``args``: the result of ``read_run_args`` when the caller already read it.
@@ -111,7 +113,12 @@ def load_run(
     check_state_dict(model, state, str(weights), describe_run(args))
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
-    return LoadedRun(args, model, nodes_dist, prop_dist, dataset_info, weights)
+    from training.conditioning import run_conditioning
+
+    property_norms = None
+    if getattr(args, "conditioning", None):  # p(c | N) and mean/MAD from the run's data, as EDM's scripts
+        prop_dist, property_norms = run_conditioning(args)
+    return LoadedRun(args, model, nodes_dist, prop_dist, dataset_info, weights, property_norms)
 
 
 def run_sampling_options(args: argparse.Namespace, flags: argparse.Namespace) -> dict:

@@ -74,12 +74,20 @@ def random_rotation(x: torch.Tensor) -> torch.Tensor:
     return x @ q.transpose(1, 2)
 
 
-def _prepare(args, data, device, dtype, ctx: DistContext | None = None):
-    x, h, node_mask, edge_mask, context = preprocess_batch(data, device, dtype, args.include_charges, args.zero_center_h)
+def _prepare(args, data, device, dtype, ctx: DistContext | None = None, property_norms=None):
+    """Model inputs of a training batch; with --conditioning the context holds the molecules' true
+    property values normalised by ``property_norms`` (training.conditioning)."""
+    x, h, node_mask, edge_mask, context = preprocess_batch(
+        data, device, dtype, args.include_charges, args.zero_center_h, getattr(args, "conditioning", None) or (),
+        property_norms,
+    )
     if ctx is not None and ctx.distributed:
         # Every process pads to the global batch's largest molecule: the l2 loss divides by the
         # padded atom count, so DDP then optimises exactly the single-process (and --dp) objective.
-        x, h, node_mask, edge_mask = pad_to_atoms(x, h, node_mask, edge_mask, all_reduce_max_int(x.size(1), ctx))
+        n_atoms = all_reduce_max_int(x.size(1), ctx)
+        if context is not None:
+            context = torch.nn.functional.pad(context, (0, 0, 0, n_atoms - context.size(1)))
+        x, h, node_mask, edge_mask = pad_to_atoms(x, h, node_mask, edge_mask, n_atoms)
     if getattr(args, "augment_noise", 0) > 0:
         eps = sample_center_gravity_zero_gaussian_with_mask(x.size(), x.device, node_mask)
         x = remove_mean_with_mask(x + eps * args.augment_noise, node_mask)
@@ -155,8 +163,11 @@ def test(
     nodes_dist,
     partition: str = "Test",
     ctx: DistContext | None = None,
+    property_norms=None,
 ) -> float:
-    """Mean NLL per molecule over ``loader`` (EDM's test); summed over processes under DDP."""
+    """Mean NLL per molecule over ``loader`` (EDM's test); summed over processes under DDP.
+    Conditional runs (``args.conditioning``) score each molecule given its true property values,
+    normalised by ``property_norms``."""
     ctx = ctx or DistContext(device=device)
     was_training = eval_model.training
     eval_model.eval()
@@ -165,7 +176,8 @@ def test(
                mininterval=_bar_interval())
     for data in bar:
         x, h, node_mask, edge_mask, context = preprocess_batch(
-            data, device, dtype, args.include_charges, args.zero_center_h
+            data, device, dtype, args.include_charges, args.zero_center_h, getattr(args, "conditioning", None) or (),
+            property_norms,
         )
         nll, _, _ = compute_loss_and_nll(args, eval_model, nodes_dist, x, h, node_mask, edge_mask, context)
         total += nll.item() * x.size(0)
@@ -270,7 +282,7 @@ def analyze_and_save(
     start = time.time()
     share = [n_samples // ctx.world_size + (r < n_samples % ctx.world_size) for r in range(ctx.world_size)]
     mine = sample_molecules(args, model_sample, nodes_dist, dataset_info, device, share[ctx.rank],
-                            batch_size=min(batch_size, n_samples), progress=ctx.is_main)
+                            batch_size=min(batch_size, n_samples), prop_dist=prop_dist, progress=ctx.is_main)
     groups = gather_objects(mine, ctx)
     metrics = None
     if ctx.is_main:

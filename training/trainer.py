@@ -62,9 +62,10 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, ctx: DistContext, model: torch.nn.Module, nodes_dist, *,
                  run_dir: Path | None = None, loaders: dict | None = None, dataset_info: dict | None = None,
-                 prop_dist=None) -> None:
+                 prop_dist=None, property_norms: dict | None = None) -> None:
         self.args, self.ctx, self.model, self.nodes_dist = args, ctx, model, nodes_dist
         self.run_dir, self.loaders, self.dataset_info, self.prop_dist = run_dir, loaders, dataset_info, prop_dist
+        self.property_norms = property_norms  # --conditioning: mean/MAD of each property (training.conditioning)
         self.device, self.dtype = ctx.device, torch.float32
         self.stop_signal: StopOnSignal | None = None  # set while fit() runs
         self.optim = self.build_optimizer()
@@ -94,22 +95,24 @@ class Trainer:
         """Seed, read the data and build the model (a bad dataset or size is a one-line DataError)."""
         from qm9.dataset import retrieve_dataloaders
         from qm9.models import get_model
+        from training.conditioning import setup_conditioning
 
         args.cuda = ctx.device.type == "cuda"
         configure_matmul(ctx.device, bool(getattr(args, "tf32", False)))
-        args.context_node_nf = 0
+        args.context_node_nf = len(getattr(args, "conditioning", None) or [])
         seed_everything(args.seed)
         try:
             dataset_info = get_dataset_info(args.dataset, args.remove_h)
             dataloaders, _charge_scale = retrieve_dataloaders(args)
             loaders = build_loaders(dataloaders, args, ctx.rank, ctx.world_size)
             model, nodes_dist, prop_dist = get_model(args, ctx.device, dataset_info, loaders["train"])
+            property_norms = setup_conditioning(args, loaders, prop_dist)
         except DataError:
             raise
         except ValueError as e:
             raise DataError(" ".join(str(e).split())) from None
         return cls(args, ctx, model.to(ctx.device), nodes_dist, run_dir=run_dir, loaders=loaders,
-                   dataset_info=dataset_info, prop_dist=prop_dist)
+                   dataset_info=dataset_info, prop_dist=prop_dist, property_norms=property_norms)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """EDM's get_optim: AdamW with amsgrad and a negligible weight decay."""
@@ -236,7 +239,7 @@ class Trainer:
     def train_step(self, epoch: int, i: int, data: dict, bar=None) -> float | None:
         """One optimiser step on batch ``i``; its NLL, or None if the NaN guard skipped it."""
         args, ctx, state = self.args, self.ctx, self.state
-        batch = loop._prepare(args, data, self.device, self.dtype, ctx)
+        batch = loop._prepare(args, data, self.device, self.dtype, ctx, self.property_norms)
         self.optim.zero_grad(set_to_none=True)
         nll, reg_term = self.loss(batch)
         loss = nll + args.ode_regularization * reg_term.sum()
@@ -297,9 +300,9 @@ class Trainer:
         """Validation and test NLL of the EMA model (summed over processes under DDP)."""
         eval_model = self.model_eval if self.ctx.distributed else self.model_ema_dp
         nll_val = test(self.args, self.loaders["valid"], epoch, eval_model, self.device, self.dtype, self.nodes_dist,
-                       "Val", self.ctx)
+                       "Val", self.ctx, property_norms=self.property_norms)
         nll_test = test(self.args, self.loaders["test"], epoch, eval_model, self.device, self.dtype, self.nodes_dist,
-                        "Test", self.ctx)
+                        "Test", self.ctx, property_norms=self.property_norms)
         return nll_val, nll_test
 
     def validate(self, epoch: int, train_nll: float, epoch_seconds: float) -> None:

@@ -1,7 +1,8 @@
 """In-training pictures (EDM's save_and_sample_chain / sample_different_sizes_and_save).
 
 Written under ``<run>/epoch_<e>_<i>/``: ``chain/`` (XYZ + PNG frames of one denoising chain
-and ``chain.png``) and ``molecules/`` (a few samples as XYZ + PNG and ``grid.png``).
+and ``chain.png``) and ``molecules/`` (a few samples as XYZ + PNG and ``grid.png``); a conditional
+run also writes ``conditional/``, EDM's property sweep (``save_and_sample_conditional``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from qm9 import visualizer
-from qm9.sampling import sample, sample_chain
+from qm9.sampling import sample, sample_chain, sample_sweep_conditional
 from training.loop import sampling_options
 
 
@@ -46,6 +47,19 @@ def sample_different_sizes_and_save(model, nodes_dist, args, device, dataset_inf
     return visualizer.visualize(folder, dataset_info, max_num=n_samples)
 
 
+@torch.no_grad()
+def save_and_sample_conditional(model, args, device, dataset_info, prop_dist, folder: Path) -> list[Path]:
+    """EDM's sweep: 100 molecules of 19 atoms whose property runs over its training range, one
+    shared noise draw; XYZ files and a picture strip."""
+    was_training = model.training
+    model.eval()
+    one_hot, charges, x, node_mask = sample_sweep_conditional(args, device, model, dataset_info, prop_dist,
+                                                              **sampling_options(args))
+    model.train(was_training)
+    visualizer.save_xyz_file(folder, one_hot, None, x, dataset_info, id_from=0, name="conditional", node_mask=node_mask)
+    return visualizer.visualize_chain(folder, dataset_info)
+
+
 def make_visualize_fn(model_sample, nodes_dist, args, device, dataset_info, prop_dist, run_dir: Path, logger=None):
     """The callback train_epoch calls every ``--visualize_every_batch`` batches (rank 0)."""
 
@@ -53,5 +67,7 @@ def make_visualize_fn(model_sample, nodes_dist, args, device, dataset_info, prop
         folder = Path(run_dir) / f"epoch_{epoch}_{batch}"
         save_and_sample_chain(model_sample, args, device, dataset_info, prop_dist, folder / "chain")
         sample_different_sizes_and_save(model_sample, nodes_dist, args, device, dataset_info, prop_dist, folder / "molecules")
+        if getattr(args, "conditioning", None) and prop_dist is not None:
+            save_and_sample_conditional(model_sample, args, device, dataset_info, prop_dist, folder / "conditional")
 
     return visualize_fn

@@ -18,9 +18,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from egnn import device_policy
 from egnn.dense_ops import linear
 from egnn.egnn_new import GCL, squared_distances
-from egnn.layout import single_block
+from egnn.layout import PairLayout, single_block
+from egnn.models import plan_size_groups
 
 # EDM normalises the atom count by QM9's largest molecule, whatever the padding.
 NUMNODES_SCALE = 29.0
@@ -87,6 +89,9 @@ class EGNN(nn.Module):
             self.add_module(f"gcl_{i}", layer)
         self.node_dec = nn.Sequential(nn.Linear(hidden_nf, hidden_nf), act_fn, nn.Linear(hidden_nf, hidden_nf))
         self.graph_dec = nn.Sequential(nn.Linear(hidden_nf, hidden_nf), act_fn, nn.Linear(hidden_nf, 1))
+        # 'auto': on the CPU run size groups of molecules (less padding, same result: padding never
+        # reaches the output); 'true' / 'false' force it (egnn.device_policy).
+        self.group_by_size: str | bool = "auto"
         self.to(device)
 
     def forward(
@@ -107,9 +112,13 @@ class EGNN(nn.Module):
         n_nodes = int(n_nodes)
         bs = _check_flat(h0, x, node_mask, edge_mask, n_nodes)
         _check_edges(edges, bs, n_nodes)
-        layout = single_block(bs, n_nodes)
         node_mask = node_mask.reshape(-1, 1).to(h0.dtype)
         edge_mask = edge_mask.reshape(-1, 1).to(h0.dtype)
+        if device_policy.groups_by_size(self.group_by_size, h0.device):
+            plan = self._plan_groups(node_mask.view(bs, n_nodes), edge_mask.view(bs, n_nodes, n_nodes))
+            if plan is not None:
+                return self._forward_groups(h0, x, node_mask, plan, bs)
+        layout = single_block(bs, n_nodes)
         distances = squared_distances(x, layout)
         h = linear(h0, self.embedding.weight, self.embedding.bias)
         # EDM does not mask atoms inside the layers: padded slots evolve but send no message
@@ -120,6 +129,49 @@ class EGNN(nn.Module):
         h = self.node_dec(h) * node_mask
         h = h.view(bs, n_nodes, self.hidden_nf).sum(1)
         return self.graph_dec(h).squeeze(1)
+
+
+    def _plan_groups(self, mask: torch.Tensor, edge_mask: torch.Tensor):
+        """(rows, molecule order, PairLayout) of size blocks holding each molecule's real atoms, or
+        None when one padded block is as cheap or the edge mask is not EDM's fully connected one."""
+        sizes = mask.sum(1).round().long()
+        bs, n_nodes = mask.shape
+        pair = mask.unsqueeze(2) * mask.unsqueeze(1) * (1 - torch.eye(n_nodes, dtype=mask.dtype, device=mask.device))
+        if not torch.equal(pair, edge_mask):
+            return None
+        bounds = plan_size_groups(sizes.tolist(), device_policy.group_overhead_pairs(self.hidden_nf, mask.device))
+        if bounds == [n_nodes]:
+            return None
+        order = torch.argsort(mask, dim=1, descending=True, stable=True)  # real atoms first, in order
+        rows, molecules, blocks, lower = [], [], [], -1
+        for bound in bounds:
+            members = torch.nonzero((sizes > lower) & (sizes <= bound)).flatten()
+            lower = bound
+            if len(members) == 0:
+                continue
+            if bound == 0:  # empty molecules: nothing to compute, their sum is 0 (as padded)
+                continue
+            rows.append((members.unsqueeze(1) * n_nodes + order[members, :bound]).flatten())
+            molecules.append(members)
+            blocks.append((len(members), bound))
+        return torch.cat(rows), torch.cat(molecules), PairLayout(tuple(blocks))
+
+    def _forward_groups(self, h0: torch.Tensor, x: torch.Tensor, node_mask: torch.Tensor, plan, bs: int) -> torch.Tensor:
+        rows, molecules, layout = plan
+        mask_rows = node_mask[rows]
+        edge_rows = torch.cat([
+            ((m * m.transpose(1, 2)) * (1 - torch.eye(m.shape[1], dtype=m.dtype, device=m.device))).reshape(-1, 1)
+            for m in layout.node_blocks(mask_rows)
+        ])
+        distances = squared_distances(x[rows], layout)
+        h = linear(h0[rows], self.embedding.weight, self.embedding.bias)
+        every_slot = torch.ones_like(mask_rows)
+        for i in range(self.n_layers):
+            h = self._modules[f"gcl_{i}"](h, distances, every_slot, edge_rows, layout)
+        h = self.node_dec(h) * mask_rows
+        pooled = torch.cat([block.sum(1) for block in layout.node_blocks(h)])
+        pooled = h.new_zeros(bs, self.hidden_nf).index_copy(0, molecules, pooled)
+        return self.graph_dec(pooled).squeeze(1)
 
 
 class NumNodes(nn.Module):
