@@ -140,11 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     print("\n| latent_nf | seed | RMS all (v, GAGA's statistic) | var all | var positions | var latent h | T* mean | T* q0.95 |"
           + (" T* mean, per-modality v | q0.95 |" if opts.per_modality else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|---|" if opts.per_modality else ""))
+    def fmt(value) -> str:
+        return "-" if value is None else (f"{value:.1f}" if isinstance(value, float) else str(value))
+
     for r in rows:
         line = (f"| {r['latent_nf']} | {r['seed']} | {r['rms_all']:.4f} | {r['var_all']:.4f} | {r['var_positions']:.4f} | "
-                f"{r['var_latent_h']:.2e} | {r['t_star_mean']} | {r['t_star_q95']} |")
+                f"{r['var_latent_h']:.2e} | {fmt(r['t_star_mean'])} | {fmt(r['t_star_q95'])} |")
         if opts.per_modality:
-            line += f" {r.get('t_star_mean_per_modality', '')} | {r.get('t_star_q95_per_modality', '')} |"
+            line += f" {fmt(r.get('t_star_mean_per_modality', ''))} | {fmt(r.get('t_star_q95_per_modality', ''))} |"
         print(line)
 
 

@@ -26,9 +26,9 @@ Channels of the resulting features: ``positions`` (0..2) and ``latent_h`` (3..3+
 scripts' evaluator tests every non-position channel as its second modality (its CSV columns
 keep the name ``atom_types``).
 
-The molecules are encoded in batches of similar size (sorted by atom count, each batch padded
-to its largest molecule, at most ``MAX_BATCH_PAIRS`` atom pairs), under the encoder's device
-policy; only the molecules asked for are encoded.
+The molecules are encoded in batches of one atom count (no padding inside a batch, at most
+``MAX_BATCH_PAIRS`` atom pairs each), under the encoder's device policy (which splits a batch
+into cache-sized calls on the CPU); only the molecules asked for are encoded.
 """
 from __future__ import annotations
 
@@ -167,18 +167,16 @@ def encode_arrays(vae, positions: np.ndarray, one_hot: np.ndarray, charges: np.n
     dtype = next(vae.parameters()).dtype
     device = next(vae.parameters()).device
     latents = np.zeros((m_total, mask.shape[1], 3 + k), dtype=np.float64)
-    order = np.argsort(num_atoms, kind="stable")
     # Slots up to the last real atom of each molecule (QM9 stores atoms first; this also allows holes).
     last_slot = np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
-    batches, start = [], 0
-    while start < m_total:  # consecutive molecules in size order, at most max_pairs padded pairs per batch
-        n = max(int(last_slot[order[start]]), 1)
-        stop = start + 1
-        while stop < m_total and (stop - start + 1) * max(n, int(last_slot[order[stop]])) ** 2 <= max_pairs:
-            n = max(n, int(last_slot[order[stop]]))
-            stop += 1
-        batches.append((order[start:stop], n))
-        start = stop
+    # Batches of molecules of one padded size (no padding inside a batch), at most max_pairs pairs each.
+    order = np.argsort(last_slot, kind="stable")
+    sizes, starts = np.unique(last_slot[order], return_index=True)
+    batches = []
+    for n, rows in zip(sizes.tolist(), np.split(order, starts[1:])):
+        n = max(int(n), 1)
+        per_batch = max(1, max_pairs // (n * n))
+        batches += [(chunk, n) for chunk in np.split(rows, np.arange(per_batch, rows.size, per_batch))]
     iterator = batches
     if progress:
         from tqdm import tqdm

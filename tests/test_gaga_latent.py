@@ -89,13 +89,7 @@ def test_latents_are_the_encoder_means_whatever_the_batching():
     """Batches sorted by size and split by the pair budget give the padded batch's encoder means."""
     arrays = random_molecules()
     vae = tiny_vae()
-    mask = torch.from_numpy(arrays["charges"] > 0).float().unsqueeze(2)
-    n = mask.shape[1]
-    edge = (mask * mask.transpose(1, 2) * (1 - torch.eye(n))).reshape(-1, 1)
-    x = torch.from_numpy(arrays["positions"]) * mask
-    x = x - x.sum(1, keepdim=True) / mask.sum(1, keepdim=True) * mask
-    h = {"categorical": torch.from_numpy(arrays["one_hot"]).float() * mask,
-         "integer": torch.from_numpy(arrays["charges"]).float().unsqueeze(2) * mask}
+    x, h, mask, edge = padded_batch(arrays)
     with torch.no_grad():
         mu_x, _, mu_h, _ = vae.encode(x, h, mask, edge)
     mu_h = (mu_h - mu_h.sum(1, keepdim=True) / mask.sum(1, keepdim=True)) * mask
@@ -104,13 +98,31 @@ def test_latents_are_the_encoder_means_whatever_the_batching():
         np.testing.assert_allclose(encode(vae, arrays, max_pairs=max_pairs).values, expected, atol=2e-6)
 
 
-def test_grouped_and_padded_encoder_policies_give_the_same_latents():
+def padded_batch(arrays: dict[str, np.ndarray]):
+    """(x centred, h, node_mask, edge_mask) of the whole padded batch, as GeoLDM's loop builds them."""
+    mask = torch.from_numpy(arrays["charges"] > 0).float().unsqueeze(2)
+    n = mask.shape[1]
+    edge = (mask * mask.transpose(1, 2) * (1 - torch.eye(n))).reshape(-1, 1)
+    x = torch.from_numpy(arrays["positions"]) * mask
+    x = x - x.sum(1, keepdim=True) / mask.sum(1, keepdim=True) * mask
+    h = {"categorical": torch.from_numpy(arrays["one_hot"]).float() * mask,
+         "integer": torch.from_numpy(arrays["charges"]).float().unsqueeze(2) * mask}
+    return x, h, mask, edge
+
+
+def test_grouped_and_padded_autoencoder_policies_give_the_same_outputs():
+    """The CPU device policy (size groups) in the encoder and the decoder = GeoLDM's padded block."""
     arrays = random_molecules(sizes=(3,) * 30 + (20, 4, 20, 11), n_slots=20)  # uneven: groups pay off
+    x, h, mask, edge = padded_batch(arrays)
     grouped, padded = tiny_vae(group_by_size="true"), tiny_vae(group_by_size="false")
-    a, b = encode(grouped, arrays, max_pairs=10**6), encode(padded, arrays, max_pairs=10**6)
-    assert grouped.encoder._plan_cache[3] is not None, "the grouped policy ran size groups"
-    assert padded.encoder._plan_cache is None
-    np.testing.assert_allclose(a.values, b.values, atol=2e-6)
+    with torch.no_grad():
+        outputs = [vae.encode(x, h, mask, edge) for vae in (grouped, padded)]
+        z = torch.cat([outputs[0][0], outputs[0][2]], dim=2)
+        decoded = [vae.decoder(z, mask, edge) for vae in (grouped, padded)]
+    assert grouped.encoder._plan_cache[3] is not None and grouped.decoder._plan_cache[3] is not None, "size groups ran"
+    assert padded.encoder._plan_cache is None and padded.decoder._plan_cache is None
+    for a, b in zip(outputs[0] + decoded[0], outputs[1] + decoded[1]):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
 def test_rotating_the_molecules_rotates_the_latent_positions_and_keeps_latent_h_and_variance():
