@@ -34,9 +34,10 @@ from configs.flags import Rule, at_least, compact_errors, positive
 from gaga.cli import (
     add_source_flags, check_output_folder, check_source_flags, one_line_errors, resolve_data_spec, resolve_gamma, source_record,
 )
-from gaga.latent import add_space_flag, analysis_features
+from gaga.data import load_features
 from gaga.gaussianity import DEFAULT_TIMESTEPS, TEST_MODALITIES, GaussianityConfig, test_channels
 from gaga.gaussianity_run import run_gaussianity_test
+from gaga.latent import add_space_flag, analysis_features
 from gaga.schedule import check_timesteps, parse_timesteps
 from gaga.step_estimation import check_quantile, load_results, per_timestep_summary, step_estimates
 from gaga.variance import dataset_statistics, modality_mean_squares
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
 
         return paper_main(args, spec, gamma, grid)
     mode = VARIANCE_MODES[args.variance_mode]
-    features, latent = analysis_features(args, spec, n_molecules=args.n_molecules, seed=args.seed)
+    features, latent = analysis_features(args, spec, n_molecules=args.n_molecules, seed=args.seed,
+                                          load_data=load_features)
     if args.dataset_var is not None:
         dataset_var = args.dataset_var
     elif latent is not None:  # GAGA's published v is the data's; the latents' own README statistic instead

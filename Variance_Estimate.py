@@ -25,7 +25,7 @@ import pandas as pd
 
 from configs.flags import compact_errors
 from gaga.cli import add_source_flags, check_output_folder, check_source_flags, one_line_errors, resolve_data_spec, source_record
-from gaga.data import random_subset_rows
+from gaga.data import load_features, random_subset_rows
 from gaga.latent import add_space_flag, analysis_features
 from gaga.variance import dataset_statistics, per_molecule_table, statistics_by_atom_count
 
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     spec = resolve_data_spec(args)
     out_dir = Path(args.out_dir or f"outputs/variance_{args.test_name}")
     check_output_folder(str(out_dir))
-    features, latent = analysis_features(args, spec, n_molecules=args.n_molecules, seed=args.seed)
+    features, latent = analysis_features(args, spec, n_molecules=args.n_molecules, seed=args.seed,
+                                          load_data=load_features)
     if args.n_molecules is not None and latent is None:  # latents: only the sample was encoded
         features = features.subset(random_subset_rows(features.num_atoms, args.n_molecules, args.seed))
     out_dir.mkdir(parents=True, exist_ok=True)

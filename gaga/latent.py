@@ -37,7 +37,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -242,15 +242,16 @@ def encode_split(run: GeoLDMRun, spec: DataSpec, split: str = "train", n_molecul
     return features, record
 
 
-def analysis_features(args: argparse.Namespace, spec: DataSpec, n_molecules: int | None = None,
-                      seed: int = 0) -> tuple[Any, dict[str, Any] | None]:
+def analysis_features(args: argparse.Namespace, spec: DataSpec, n_molecules: int | None = None, seed: int = 0,
+                      load_data: Callable[..., Any] | None = None) -> tuple[Any, dict[str, Any] | None]:
     """What the GAGA tools analyse: the latents of a GeoLDM run (``--space auto|latent``), encoded
-    for ``n_molecules`` (a seeded subset) or the whole split; else the data features as before
-    (then ``n_molecules`` is left to the caller). Returns (features, latent record or None)."""
+    for ``n_molecules`` (a seeded subset) or the whole split; else the data features as before,
+    read by ``load_data`` (default ``gaga.data.load_features``; ``n_molecules`` is then left to
+    the caller). Returns (features, latent record or None)."""
     run = resolve_space(args)
     progress = not getattr(args, "no_progress", False)
     if run is None:
-        return load_features(spec, split=args.split, progress=progress), None
+        return (load_data or load_features)(spec, split=args.split, progress=progress), None
     features, record = encode_split(run, spec, split=args.split, n_molecules=n_molecules, seed=seed, progress=progress)
     print(f"latent space of GeoLDM run {run.path}: {record['encoded_molecules']} {args.split} molecules encoded "
           f"(latent_nf {record['latent_nf']}, encoder mean) in {record['encode_seconds']:.1f} s")

@@ -10,8 +10,8 @@ import numpy as np
 
 from gaga.cli import source_record
 from gaga.data import DataSpec
-from gaga.latent import analysis_features
 from gaga.evaluator_paper import PAPER_DEFAULT_MOLECULES, PaperConfig, format_paper_report, resolve_convention, run_paper_evaluator
+from gaga.latent import analysis_features
 
 
 def parse_sizes(text: str | None) -> list[int] | None:
