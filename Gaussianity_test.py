@@ -37,7 +37,7 @@ from gaga.cli import (
 from gaga.data import load_features
 from gaga.gaussianity import DEFAULT_TIMESTEPS, TEST_MODALITIES, GaussianityConfig, test_channels
 from gaga.gaussianity_run import run_gaussianity_test
-from gaga.latent import add_space_flag, analysis_features
+from gaga.latent import add_space_flag, analysis_features, resolve_space
 from gaga.schedule import check_timesteps, parse_timesteps
 from gaga.step_estimation import check_quantile, load_results, per_timestep_summary, step_estimates
 from gaga.variance import dataset_statistics, modality_mean_squares
@@ -130,15 +130,15 @@ def main(argv=None) -> int:
 
         return paper_main(args, spec, gamma, grid)
     mode = VARIANCE_MODES[args.variance_mode]
+    latent_run = resolve_space(args)
+    dataset_var = args.dataset_var
+    if dataset_var is None and latent_run is None:
+        dataset_var = published_dataset_var(spec.dataset)  # checked before any data is read
     features, latent = analysis_features(args, spec, n_molecules=args.n_molecules, seed=args.seed,
-                                          load_data=load_features)
-    if args.dataset_var is not None:
-        dataset_var = args.dataset_var
-    elif latent is not None:  # GAGA's published v is the data's; the latents' own README statistic instead
+                                          load_data=load_features, run=latent_run)
+    if dataset_var is None:  # GAGA's published v is the data's; the latents' own README statistic instead
         dataset_var = dataset_statistics(features)["all"]["rms"]
         print(f"--dataset_var {dataset_var:.4f}: the latents' mean per-molecule RMS (the statistic of GAGA's 0.848)")
-    else:
-        dataset_var = published_dataset_var(spec.dataset)
 
     if mode == "scalar":
         variances = {m: float(dataset_var) for m in TEST_MODALITIES}

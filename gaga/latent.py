@@ -242,13 +242,18 @@ def encode_split(run: GeoLDMRun, spec: DataSpec, split: str = "train", n_molecul
     return features, record
 
 
+_RESOLVE = object()
+
+
 def analysis_features(args: argparse.Namespace, spec: DataSpec, n_molecules: int | None = None, seed: int = 0,
-                      load_data: Callable[..., Any] | None = None) -> tuple[Any, dict[str, Any] | None]:
+                      load_data: Callable[..., Any] | None = None, run: Any = _RESOLVE) -> tuple[Any, dict[str, Any] | None]:
     """What the GAGA tools analyse: the latents of a GeoLDM run (``--space auto|latent``), encoded
     for ``n_molecules`` (a seeded subset) or the whole split; else the data features as before,
     read by ``load_data`` (default ``gaga.data.load_features``; ``n_molecules`` is then left to
-    the caller). Returns (features, latent record or None)."""
-    run = resolve_space(args)
+    the caller). ``run``: the caller's ``resolve_space(args)`` if it already has it.
+    Returns (features, latent record or None)."""
+    if run is _RESOLVE:
+        run = resolve_space(args)
     progress = not getattr(args, "no_progress", False)
     if run is None:
         return (load_data or load_features)(spec, split=args.split, progress=progress), None
