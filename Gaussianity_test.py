@@ -15,6 +15,12 @@ tested ones are ever loaded (GAGA's README used a random 10% sample: --n_molecul
 Dep(x_t), D_t, T_ID, T_DS, T* = max(T_ID, T_DS) for each variance convention, with
 null-calibrated thresholds and bootstrap bands; it writes paper_evaluator.json,
 paper_curves.csv, paper_t_star_vs_eps.csv and plots into the same folder.
+
+A GeoLDM run (--model_path) is tested in its latent space (gaga/latent.py): the molecules are
+encoded by the run's encoder (only the --n_molecules sample; the paper evaluator's default
+sample without it), every statistic (the measured v, per-modality variances) is over the
+encoded molecules, and the scalar --dataset_var defaults to the latents' RMS statistic, the
+analogue of GAGA's 0.848. --space data tests the molecules themselves.
 """
 from __future__ import annotations
 
@@ -31,9 +37,10 @@ from gaga.cli import (
 from gaga.data import load_features
 from gaga.gaussianity import DEFAULT_TIMESTEPS, TEST_MODALITIES, GaussianityConfig, test_channels
 from gaga.gaussianity_run import run_gaussianity_test
+from gaga.latent import add_space_flag, analysis_features, resolve_space
 from gaga.schedule import check_timesteps, parse_timesteps
 from gaga.step_estimation import check_quantile, load_results, per_timestep_summary, step_estimates
-from gaga.variance import modality_mean_squares
+from gaga.variance import dataset_statistics, modality_mean_squares
 
 FLAG_RULES = {
     "workers": at_least(1, high=256),
@@ -99,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mi_pairs", type=int, default=10, help="random pairs per MI test")
     parser.add_argument("--quantile", type=float, default=0.95, help="for the T* quantile estimator shown on the plot")
     add_paper_flags(parser)
+    add_space_flag(parser)
     parser.add_argument("--resume", action="store_true", help="finish an interrupted run with the same settings")
     parser.add_argument("--no_plot", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
@@ -122,8 +130,15 @@ def main(argv=None) -> int:
 
         return paper_main(args, spec, gamma, grid)
     mode = VARIANCE_MODES[args.variance_mode]
-    dataset_var = published_dataset_var(spec.dataset) if args.dataset_var is None else args.dataset_var
-    features = load_features(spec, split=args.split, progress=not args.no_progress)
+    latent_run = resolve_space(args)
+    dataset_var = args.dataset_var
+    if dataset_var is None and latent_run is None:
+        dataset_var = published_dataset_var(spec.dataset)  # checked before any data is read
+    features, latent = analysis_features(args, spec, n_molecules=args.n_molecules, seed=args.seed,
+                                          load_data=load_features, run=latent_run)
+    if dataset_var is None:  # GAGA's published v is the data's; the latents' own README statistic instead
+        dataset_var = dataset_statistics(features)["all"]["rms"]
+        print(f"--dataset_var {dataset_var:.4f}: the latents' mean per-molecule RMS (the statistic of GAGA's 0.848)")
 
     if mode == "scalar":
         variances = {m: float(dataset_var) for m in TEST_MODALITIES}
@@ -135,8 +150,10 @@ def main(argv=None) -> int:
         mi_pairs=args.mi_pairs, seed=args.seed, variances=variances,
     )
     extra = {"variance_mode": mode, "source": source_record(args, spec)}
+    if latent is not None:
+        extra["source"].update({k: v for k, v in latent.items() if k != "encode_seconds"})
     run = run_gaussianity_test(
-        features, gamma, config, out_dir, n_molecules=args.n_molecules, workers=args.workers,
+        features, gamma, config, out_dir, n_molecules=None if latent is not None else args.n_molecules, workers=args.workers,
         chunk_size=args.chunk_size, resume=args.resume, progress=not args.no_progress, extra_record=extra,
     )
     seconds = time.perf_counter() - start

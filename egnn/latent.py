@@ -14,7 +14,11 @@ Neither network sees the diffusion time. Unlike EDM's dynamics they return *posi
 * decoder: z (B, N, 3 + k) -> (x_rec (B,N,3), h_rec (B,N,F)): class logits, then the charge
   prediction (raw atomic-number scale) when the model has charges.
 
-The networks run on the padded batch as one block (EDM's computation).
+How they run is the device policy's decision (``egnn.device_policy``), as for the dynamics:
+on the CPU the molecules run in size groups, each padded only to its group's largest, in
+cache-sized calls; elsewhere the padded batch runs as one block (GeoLDM's computation).
+``group_by_size`` ('auto', 'true', 'false') overrides it; outputs are the same either way
+('sum' aggregation: padded atoms never reach real ones).
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ import warnings
 import torch
 from torch import nn
 
+from egnn import device_policy
 from egnn.egnn_new import EGNN, set_impl
+from egnn.models import EGNN_dynamics_QM9
 from equivariant_diffusion.utils import remove_mean_with_mask
 
 
@@ -36,24 +42,57 @@ def _nan_to_zero(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class _LatentEGNN(nn.Module):
-    """Shared wiring: masks, context, the EGNN on the padded batch, re-centred positions."""
+    """Shared wiring: masks, context, the EGNN (size-grouped or one padded block), re-centred positions."""
 
     n_dims: int
     context_node_nf: int
+    hidden_nf: int
     egnn: EGNN
+
+    # The grouping plan is the dynamics' (one implementation of the device policy): the same
+    # size groups, chunking and per-mask cache, here for a network without a time input.
+    _cached_plan = EGNN_dynamics_QM9._cached_plan
+    _plan_calls = EGNN_dynamics_QM9._plan_calls
+    _call_masks = EGNN_dynamics_QM9._call_masks
+
+    def _init_policy(self, group_by_size: bool | str) -> None:
+        self.group_by_size = group_by_size
+        self.chunk_pairs = device_policy.cpu_chunk_pairs(self.hidden_nf)
+        self._plan_cache = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_plan_cache"] = None  # mask-derived; a copy (the EMA model) plans its own
+        return state
 
     def _run(self, xh: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor,
              context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """xh (B, N, 3 + C) -> (x_out masked and centred (B,N,3), h_out masked (B,N,out))."""
         bs, n_nodes, _ = xh.shape
+        calls = self._cached_plan(node_mask, edge_mask, xh.device)  # keyed on the caller's mask tensors
         node_mask = node_mask.reshape(bs, n_nodes, 1)
         xh = xh * node_mask
         x, h = xh[:, :, : self.n_dims], xh[:, :, self.n_dims :]
         if context is not None:
             h = torch.cat([h, context.reshape(bs, n_nodes, self.context_node_nf)], dim=2)
-        h_out, x_out = self.egnn(h, x, node_mask, edge_mask.reshape(bs * n_nodes * n_nodes, 1))
+        if calls is None:
+            h_out, x_out = self.egnn(h, x, node_mask, edge_mask.reshape(bs * n_nodes * n_nodes, 1))
+        else:
+            h_out, x_out = self._grouped(h, x, calls)
         x_out = _nan_to_zero(x_out * node_mask, f"{type(self).__name__} positions")
         return remove_mean_with_mask(x_out, node_mask, check_padding=False), h_out
+
+    def _grouped(self, h: torch.Tensor, x: torch.Tensor, calls) -> tuple[torch.Tensor, torch.Tensor]:
+        """The EGNN on each planned call of equal-size blocks; padded slots outside every call stay 0."""
+        bs, n_nodes, _ = h.shape
+        flat_h, flat_x = h.reshape(bs * n_nodes, -1), x.reshape(bs * n_nodes, -1)
+        h_out = h.new_zeros(bs * n_nodes, self.egnn.embedding_out.out_features)
+        x_out = x.new_zeros(bs * n_nodes, self.n_dims)
+        for rows, _molecules, layout, mask_rows, edge_rows in calls:
+            h_rows, x_rows = self.egnn(flat_h[rows], flat_x[rows], mask_rows, edge_rows, layout)
+            h_out = h_out.index_copy(0, rows, h_rows)
+            x_out = x_out.index_copy(0, rows, x_rows)
+        return h_out.view(bs, n_nodes, -1), x_out.view(bs, n_nodes, self.n_dims)
 
 
 def _egnn(in_node_nf: int, out_node_nf: int, hidden_nf: int, n_layers: int, device, act_fn, attention, tanh,
@@ -88,6 +127,7 @@ class EGNN_encoder_QM9(_LatentEGNN):
         normalization_factor: float = 100,
         aggregation_method: str = "sum",
         include_charges: bool = True,
+        group_by_size: bool | str = "auto",
     ):
         super().__init__()
         if mode != "egnn_dynamics":
@@ -104,13 +144,14 @@ class EGNN_encoder_QM9(_LatentEGNN):
         self.final_mlp = nn.Sequential(
             nn.Linear(hidden_nf, hidden_nf), act_fn, nn.Linear(hidden_nf, out_node_nf * 2 + 1)
         )
+        self._init_policy(group_by_size)
         self.to(device)
 
     def forward(self, xh: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor,
                 context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         bs, n_nodes, _ = xh.shape
+        mu_x, h_e = self._run(xh, node_mask, edge_mask, context)  # the caller's masks: the plan cache keys on them
         node_mask = node_mask.reshape(bs, n_nodes, 1)
-        mu_x, h_e = self._run(xh, node_mask, edge_mask, context)
         out = self.final_mlp(h_e) * node_mask
         k = self.out_node_nf
         x_std = torch.exp(0.5 * out[:, :, :1].sum(1, keepdim=True)).expand(bs, n_nodes, 1)
@@ -143,6 +184,7 @@ class EGNN_decoder_QM9(_LatentEGNN):
         normalization_factor: float = 100,
         aggregation_method: str = "sum",
         include_charges: bool = True,
+        group_by_size: bool | str = "auto",
     ):
         super().__init__()
         if mode != "egnn_dynamics":
@@ -155,6 +197,7 @@ class EGNN_decoder_QM9(_LatentEGNN):
         self.include_charges = include_charges
         self.egnn = _egnn(in_node_nf + context_node_nf, out_node_nf, hidden_nf, n_layers, device, act_fn, attention,
                           tanh, norm_constant, inv_sublayers, sin_embedding, normalization_factor, aggregation_method)
+        self._init_policy(group_by_size)
         self.to(device)
 
     def forward(self, z: torch.Tensor, node_mask: torch.Tensor, edge_mask: torch.Tensor,

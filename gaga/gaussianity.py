@@ -109,8 +109,11 @@ def evaluate_molecules(
         d, p = ks_normal(zm.reshape(n_mol * alpha2.size, -1), np.tile(v_t, n_mol))
         out[f"ks_stat_{name}"] = d.reshape(n_mol, -1)
         out[f"ks_p_{name}"] = p.reshape(n_mol, -1)
-        a, b = _random_pairs(zm.shape[-1], config.mi_pairs, n_mol, rng)
-        out[f"mi_features_{name}"] = _pair_mi(np.swapaxes(zm, 2, 3), a, b, config.mi_neighbors, rng)
+        if zm.shape[-1] >= 2:
+            a, b = _random_pairs(zm.shape[-1], config.mi_pairs, n_mol, rng)
+            out[f"mi_features_{name}"] = _pair_mi(np.swapaxes(zm, 2, 3), a, b, config.mi_neighbors, rng)
+        else:  # one channel (GeoLDM's latent h with latent_nf 1): no pair of features to be dependent
+            out[f"mi_features_{name}"] = np.zeros((n_mol, alpha2.size))
         out[f"pass_ks_{name}"] = out[f"ks_p_{name}"] > config.alpha
         out[f"pass_mi_features_{name}"] = out[f"mi_features_{name}"] < config.mi_threshold
         out[f"pass_{name}"] = out[f"pass_ks_{name}"] & out[f"pass_mi_features_{name}"]

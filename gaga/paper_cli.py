@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from gaga.cli import source_record
-from gaga.data import DataSpec, load_features
+from gaga.data import DataSpec
 from gaga.evaluator_paper import PAPER_DEFAULT_MOLECULES, PaperConfig, format_paper_report, resolve_convention, run_paper_evaluator
+from gaga.latent import analysis_features
 
 
 def parse_sizes(text: str | None) -> list[int] | None:
@@ -37,13 +38,17 @@ def paper_main(args: argparse.Namespace, spec: DataSpec, gamma: np.ndarray, grid
         workers=max(1, args.workers),
     )
     config.validate()
-    features = load_features(spec, split=args.split, progress=not args.no_progress)
-    out_dir = Path(args.out_dir or f"identity_to_gaussian_{args.test_name}")
     n_molecules = PAPER_DEFAULT_MOLECULES if args.n_molecules is None else args.n_molecules
+    # A GeoLDM run: only the sample is encoded (every statistic is then over it); data: as loaded.
+    features, latent = analysis_features(args, spec, n_molecules=n_molecules, seed=args.seed)
+    out_dir = Path(args.out_dir or f"identity_to_gaussian_{args.test_name}")
+    record = {"source": source_record(args, spec)}
+    if latent is not None:
+        record["source"].update(latent)
     result = run_paper_evaluator(
         features, gamma, config, out_dir, n_molecules=n_molecules, dataset_var=args.dataset_var, size_sweep_sizes=sizes,
         plot=not args.no_plot, progress=not args.no_progress, title=f"{args.test_name}: paper evaluator",
-        extra_record={"source": source_record(args, spec)},
+        extra_record=record,
     )
     seconds = time.perf_counter() - start
     print(f"{args.test_name}: {result['n_molecules']} molecules ({result['n_atoms']} atoms) x {len(grid)} timesteps "

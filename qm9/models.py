@@ -133,6 +133,7 @@ def get_autoencoder(args: Any, device: str | torch.device, dataset_info: dict, d
         inv_sublayers=getattr(args, "inv_sublayers", 1), sin_embedding=getattr(args, "sin_embedding", False),
         normalization_factor=getattr(args, "normalization_factor", 1),
         aggregation_method=getattr(args, "aggregation_method", "sum"), include_charges=include_charges,
+        group_by_size=getattr(args, "group_by_size", "auto"),  # the device policy, as for the dynamics
     )
     # Construction order = GeoLDM's (encoder, then decoder): same init for the same seed.
     encoder = EGNN_encoder_QM9(in_node_nf=in_node_nf, out_node_nf=latent_nf, n_layers=1, **common)
