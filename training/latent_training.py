@@ -59,7 +59,13 @@ def build_run_model(args: argparse.Namespace, device: torch.device | str, datase
         return models.get_model(args, device, dataset_info, dataloader_train)
     if kind == "vae":
         return models.get_autoencoder(args, device, dataset_info, dataloader_train)
-    model, nodes_dist, prop_dist = models.get_latent_diffusion(args, device, dataset_info, dataloader_train)
+    try:
+        model, nodes_dist, prop_dist = models.get_latent_diffusion(args, device, dataset_info, dataloader_train)
+    except RunFolderError as e:
+        if not getattr(args, "ae_path", None):
+            raise
+        # The first stage's architecture is read from --ae_path even when the run's own weights follow.
+        raise RunFolderError(f"the run's first stage (ae_path {args.ae_path}) cannot be read: {e}") from None
     return fix_eval_constants(model), nodes_dist, prop_dist
 
 
