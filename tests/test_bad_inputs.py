@@ -284,6 +284,8 @@ MATRIX: list[tuple[str, list[str], str]] = [
      "has no generative_model_ema.npy (the VAE run never saved a best model)"),
     ("main_qm9", [*TRAIN, "--train_diffusion", "--zero_center_h", "true"], "GeoLDM's latent diffusion does not centre features"),
     ("main_qm9", [*TRAIN, "--latent_nf", "2", "--model", "gnn_dynamics"], "GeoLDM's autoencoder is an EGNN: use --model egnn_dynamics"),
+    ("eval_analyze", ["--model_path", "{huge_latent}"], "latent_nf=1000000 is out of range"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{huge_latent}"], "latent_nf=1000000 is out of range"),
     ("eval_analyze", ["--model_path", "{vae_run}"], "is a VAE-only GeoLDM run (the first stage: an autoencoder, nothing to sample)"),
     ("eval_sample", ["--model_path", "{vae_run}"], "is a VAE-only GeoLDM run"),
     ("GAGA_test", ["--model_path", "{vae_run}"], "train a latent diffusion on it with --train_diffusion --ae_path"),
@@ -385,6 +387,9 @@ def places(tmp_path_factory) -> dict[str, str]:
     save_run_args(vae_geom, run_args(**vae_fields, dataset="geom"))
     huge_vae = tmp_path / "huge_vae"
     save_run_args(huge_vae, run_args(**vae_fields, nf=10_000_000))
+    huge_latent = tmp_path / "huge_latent"
+    save_run_args(huge_latent, run_args(**{**vae_fields, "latent_nf": 10**6}))
+    (huge_latent / "generative_model_ema.npy").write_bytes(b"never read")
     geoldm_run = tmp_path / "geoldm_run"
     save_run_args(geoldm_run, run_args(**{**vae_fields, "train_diffusion": True}))
     results = tmp_path / "results"
@@ -396,7 +401,7 @@ def places(tmp_path_factory) -> dict[str, str]:
     return {
         "tmp": str(tmp), "file": str(plain), "run": str(run), "edm_run": str(edm), "runs": str(runs), "huge_args": str(huge),
         "vae_run": str(vae_run), "vae_no_weights": str(vae_no_weights), "vae_geom": str(vae_geom),
-        "huge_vae": str(huge_vae), "geoldm_run": str(geoldm_run),
+        "huge_vae": str(huge_vae), "geoldm_run": str(geoldm_run), "huge_latent": str(huge_latent),
         "nan_args": str(nan_run), "text_factors": str(text_factors), "results": str(results), "garbage_csv": str(garbage),
         "evil_args": str(_pickle_file(tmp_path / "evil", pickle.dumps(argparse.Namespace(x=_RunsCommand())), weights=True)),
         "bytes_args": str(_pickle_file(tmp_path / "bytes", pickle.dumps(argparse.Namespace(x=_AllocatesBytes())))),

@@ -29,7 +29,7 @@ from configs.flags import str2bool
 # GeoLDM's parser defaults, applied once a run is a GeoLDM (or VAE-only) run.
 GEOLDM_DEFAULTS: dict[str, Any] = dict(train_diffusion=False, trainable_ae=False, latent_nf=4, kl_weight=0.01, ae_path=None)
 GEOLDM_FLAGS = tuple(GEOLDM_DEFAULTS)
-MAX_LATENT_NF = 256  # published runs: 1 or 2; bounded like --nf (a typo must not allocate without bound)
+MAX_LATENT_NF = 256  # published runs: 1 or 2; bounded like --nf (training/args_check.py SIZE_RULES holds the same bound)
 
 __all__ = ["GEOLDM_DEFAULTS", "GEOLDM_FLAGS", "add_latent_flags", "check_samplable", "first_stage_weights", "latent_kind",
            "resolve_latent_args"]
