@@ -317,3 +317,17 @@ def test_latent_sampling_and_decode_are_rotation_equivariant(options):
     torch.testing.assert_close(x2, x1 @ R, atol=2e-4, rtol=1e-4)
     assert not torch.allclose(x1, x2, atol=1e-2)  # the rotation is not trivial
     assert torch.equal(h1["categorical"], h2["categorical"]) and torch.equal(h1["integer"], h2["integer"])
+
+
+def test_nan_guard_covers_the_reconstruction_term(monkeypatch, tmp_path, qm9_datadir):
+    """A non-finite decoder loss (GeoLDM's own term) is skipped like EDM's, and stops the run after --nan_patience."""
+    from configs.errors import TrainingStopped
+    from equivariant_diffusion.latent_diffusion import EnHierarchicalVAE
+
+    real = EnHierarchicalVAE.compute_reconstruction_error
+    monkeypatch.setattr(EnHierarchicalVAE, "compute_reconstruction_error",
+                        lambda self, xh_rec, xh: real(self, xh_rec, xh) * float("nan"))
+    with pytest.raises(TrainingStopped) as stop:
+        main(small(tmp_path, qm9_datadir, QM9_README, "--nan_patience", "2", "--n_stability_samples", "0"))
+    assert "2 batches in a row gave a non-finite loss" in str(stop.value) and "epoch 0, iter 1" in str(stop.value)
+    assert "\n" not in str(stop.value)
