@@ -331,3 +331,21 @@ def test_nan_guard_covers_the_reconstruction_term(monkeypatch, tmp_path, qm9_dat
         main(small(tmp_path, qm9_datadir, QM9_README, "--nan_patience", "2", "--n_stability_samples", "0"))
     assert "2 batches in a row gave a non-finite loss" in str(stop.value) and "epoch 0, iter 1" in str(stop.value)
     assert "\n" not in str(stop.value)
+
+
+def test_geoldm_readme_recipe_trains_under_ddp(tmp_path, qm9_datadir):
+    """Two CPU processes (gloo) on GeoLDM's README recipe stay in sync; the never-trained encoder
+    is not a trainable parameter, so DDP does not stop at the second step (it would with GeoLDM's
+    requires_grad=True encoder that never receives a gradient)."""
+    import torch.multiprocessing as mp
+
+    from test_distributed import _free_port, _worker
+
+    argv = small(tmp_path, qm9_datadir, QM9_README, "--data_subset", "32", "--n_epochs", "1", "--n_stability_samples", "0")
+    mp.spawn(_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["state"]["global_step"] == ranks[1]["state"]["global_step"] == 2  # 16 molecules per process, batches of 8
+    for key in ("model", "model_ema"):
+        for name, tensor in ranks[0][key].items():
+            assert torch.equal(tensor, ranks[1][key][name]), f"{key}.{name}"
+    assert_same(section(ranks[0]["model"], "vae.encoder."), section(ranks[0]["model_ema"], "vae.encoder."))

@@ -17,6 +17,8 @@ Deliberate differences from GeoLDM's scripts (none changes trained weights):
 * the validation/test "NLL" counts k (latent_nf) degrees of freedom per atom in the constant
   of -log p(z_h | z_0) instead of 3 (``fix_eval_constants``); it shifts every evaluation by the
   same n_b * (k - 3) * (-log sigma_0 - log(2 pi)/2), so the best-model choice is unchanged;
+* the encoder of a latent diffusion is marked not trainable (``freeze_encoder``): the same
+  training (it never gets a gradient), but DDP works and the EMA does not drift it;
 * the device is the run's (``--no-cuda`` / the device policy), never the first stage's pickled
   ``cuda`` flag; ``--resume`` reads ``resume_state.pt`` (or a published folder's best-model
   files), not GeoLDM's never-written ``flow.npy``.
@@ -32,12 +34,13 @@ import torch
 from configs.datasets_config import get_dataset_info
 from configs.errors import DataError, RunFolderError
 from egnn.device_policy import configure_matmul
+from equivariant_diffusion.latent_diffusion import EnLatentDiffusion
 from training.data import build_loaders
 from training.distributed import DistContext
 from training.latent_args import check_samplable, latent_kind  # noqa: F401 - check_samplable: public here too
 from training.trainer import Trainer, seed_everything
 
-__all__ = ["LatentTrainer", "build_run_model", "check_samplable", "fix_eval_constants", "trainer_class"]
+__all__ = ["LatentTrainer", "build_run_model", "check_samplable", "fix_eval_constants", "freeze_encoder", "trainer_class"]
 
 
 def fix_eval_constants(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,6 +70,18 @@ def build_run_model(args: argparse.Namespace, device: torch.device | str, datase
         # The first stage's architecture is read from --ae_path even when the run's own weights follow.
         raise RunFolderError(f"the run's first stage (ae_path {args.ae_path}) cannot be read: {e}") from None
     return fix_eval_constants(model), nodes_dist, prop_dist
+
+
+def freeze_encoder(model: torch.nn.Module) -> torch.nn.Module:
+    """Mark the latent diffusion's encoder as not trainable (it never gets a gradient: z_0 is detached).
+
+    Training is unchanged (GeoLDM's AdamW skips parameters without a gradient); but DDP needs
+    every trainable parameter in the graph (else it stops at the second step), and the EMA then
+    copies the encoder instead of averaging it with itself (GeoLDM's EMA drifts it by float32
+    rounding, up to ~1.6e-4 relative; the raw weights are identical)."""
+    if isinstance(model, EnLatentDiffusion):
+        model.vae.encoder.requires_grad_(False)
+    return model
 
 
 def trainer_class(args: argparse.Namespace, default: type[Trainer] = Trainer) -> type[Trainer]:
@@ -99,6 +114,7 @@ class LatentTrainer(Trainer):
             raise
         except ValueError as e:
             raise DataError(" ".join(str(e).split())) from None
+        freeze_encoder(model)
         return cls(args, ctx, model.to(ctx.device), nodes_dist, run_dir=run_dir, loaders=loaders,
                    dataset_info=dataset_info, prop_dist=prop_dist)
 
