@@ -78,7 +78,7 @@ def freeze_encoder(model: torch.nn.Module) -> torch.nn.Module:
     Training is unchanged (GeoLDM's AdamW skips parameters without a gradient); but DDP needs
     every trainable parameter in the graph (else it stops at the second step), and the EMA then
     copies the encoder instead of averaging it with itself (GeoLDM's EMA drifts it by float32
-    rounding, up to ~1.6e-4 relative; the raw weights are identical)."""
+    rounding, geoldm_architecture.md section 8; the raw weights are identical)."""
     if isinstance(model, EnLatentDiffusion):
         model.vae.encoder.requires_grad_(False)
     return model
