@@ -15,6 +15,7 @@ import torch
 import eval_analyze
 import eval_sample
 import GAGA_test
+from configs.errors import UserInputError
 from configs.run_args import load_run_args, save_run_args
 from equivariant_diffusion.latent_diffusion import EnLatentDiffusion
 from training.args import fill_legacy_defaults, parse_args
@@ -155,7 +156,9 @@ def test_geoldm_resume_after_a_crash_is_bit_identical(geoldm_run, tmp_path, qm9_
     main(small(tmp_path, qm9_datadir, QM9_README, "--checkpoint_every_steps", "2", "--stop_after_steps", "4"))
     crashed = load_resume_state(tmp_path / "geoldm_qm9")
     assert crashed["state"]["epoch"] == 1 and crashed["state"]["step_in_epoch"] == 1
-    summary = main(["--resume", str(tmp_path / "geoldm_qm9")])
+    with pytest.raises(UserInputError, match="--latent_nf cannot change when resuming"):
+        main(["--resume", str(tmp_path / "geoldm_qm9"), "--latent_nf", "2"])
+    summary = main(["--resume", str(tmp_path / "geoldm_qm9"), "--trainable_ae", "--latent_nf", "1"])  # as stored: accepted
     assert summary["kind"] == "geoldm" and summary["state"]["epoch"] == 2
     assert_same(load_resume_state(run), load_resume_state(tmp_path / "geoldm_qm9"))
     for name in ("generative_model.npy", "generative_model_ema.npy", "optim.npy"):

@@ -116,8 +116,8 @@ def resolve_latent_args(args: argparse.Namespace) -> argparse.Namespace:
     (``auto`` becomes ``false``; ``true`` is refused).
     """
     given = [f for f in GEOLDM_FLAGS if getattr(args, f, None) is not None]
-    if not given:
-        return args
+    if not given or getattr(args, "resume", None):
+        return args  # --resume: the run's args.pickle decides; flags given again are compared with it
     td = args.train_diffusion
     if not td:
         if args.ae_path is not None:
