@@ -352,3 +352,22 @@ def test_geoldm_readme_recipe_trains_under_ddp(tmp_path, qm9_datadir):
         for name, tensor in ranks[0][key].items():
             assert torch.equal(tensor, ranks[1][key][name]), f"{key}.{name}"
     assert_same(section(ranks[0]["model"], "vae.encoder."), section(ranks[0]["model_ema"], "vae.encoder."))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_eval_constant_counts_the_latent_channels(k):
+    """The eval constant of -log p(z_h | z_0) of a run built here counts k dof per atom; GeoLDM's counts 3
+    (14.512557 per atom at precision 1e-5, geoldm_architecture.md section 5.1)."""
+    from configs.datasets_config import get_dataset_info
+    from qm9.sampling import masks_from_sizes
+    from training.latent_training import build_run_model
+
+    args = parse_args([*QM9_README.split(), "--nf", "8", "--n_layers", "1", "--latent_nf", str(k)])
+    args.context_node_nf = 0
+    model, _, _ = build_run_model(args, "cpu", get_dataset_info("qm9", False))
+    node_mask, _ = masks_from_sizes(torch.tensor([5, 3]), 5, "cpu")
+    ours = model.log_constants_p_h_given_z0(torch.zeros(2, 5, 3), node_mask)
+    model.h_constants_dof = None
+    geoldm = model.log_constants_p_h_given_z0(torch.zeros(2, 5, 3), node_mask)
+    torch.testing.assert_close(geoldm, torch.tensor([5.0, 3.0]) * 14.512557, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours, geoldm * k / 3, rtol=1e-6, atol=0)
