@@ -18,6 +18,7 @@ is read-only, e.g. a published run, the table is only printed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,7 @@ from equivariant_diffusion.samplers import sampler_names
 from training import distributed
 from training.args import str2bool
 from training import sampling_benchmark as bench
+from training.latent_args import latent_kind
 
 MAX_SAMPLES = 1_000_000  # molecules per iteration; the samples are held in memory
 
@@ -128,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if any(n != m or n < 1 for n, m in zip(solver_steps, flags.solver_steps)):
             raise UserInputError(f"--solver_steps must be positive integers, got {flags.solver_steps}")
         settings = bench.comparison_settings(T, t_star, flags.ddim_stride, dataset_var, solver_steps)
+        if latent_kind(args) == "geoldm":  # the paper's name for this backbone's full-chain row
+            settings[0] = dataclasses.replace(settings[0], label="GeoLDM full chain")
     else:
         settings = [bench.single_setting(flags.shortcut, t_star, flags.sampling_step_size, flags.sampler, dataset_var, T)]
     out_dir = output_folder(flags)

@@ -2,6 +2,8 @@
 
 Same flags as main_qm9.py with main_geom_drugs.py's defaults (dataset geom, nf 192, lr 5e-4,
 ...), plus --filter_molecule_size, --sequential and --data_file. See training/args.py.
+GeoLDM (latent diffusion, or its autoencoder alone) with GeoLDM's flags: --train_diffusion,
+--ae_path, --trainable_ae, --latent_nf, --kl_weight (training/latent_args.py, README section GeoLDM).
 """
 import functools
 

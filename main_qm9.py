@@ -5,6 +5,8 @@
     python main_qm9.py --resume outputs/edm_qm9      # continue a run
 
 See training/args.py for every flag.
+GeoLDM (latent diffusion, or its autoencoder alone) with GeoLDM's flags: --train_diffusion,
+--ae_path, --trainable_ae, --latent_nf, --kl_weight (training/latent_args.py, README section GeoLDM).
 """
 import functools
 

@@ -174,6 +174,9 @@ class EnLatentDiffusion(EnVariationalDiffusion):
         super().__init__(**kwargs)
         self.vae = vae
         self.trainable_ae = bool(trainable_ae)
+        # Degrees of freedom per atom in the eval constant of the latent h: None = GeoLDM's n_dims (3);
+        # training.latent_training sets k (a constant shift of the eval "NLL", no effect on training).
+        self.h_constants_dof: int | None = None
         self.vae.train(self.trainable_ae)
         for param in self.vae.parameters():
             param.requires_grad_(self.trainable_ae)
@@ -197,12 +200,14 @@ class EnLatentDiffusion(EnVariationalDiffusion):
         return -0.5 * self.compute_error(net_out, gamma_0, eps)
 
     def log_constants_p_h_given_z0(self, x: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
-        """n_b * 3 * (-log sigma_0 - 0.5 log 2 pi): GeoLDM counts n_dims (not k) dof per atom."""
+        """n_b * 3 * (-log sigma_0 - 0.5 log 2 pi): GeoLDM counts n_dims (not k) dof per atom
+        (``h_constants_dof`` = k counts the latent's own channels)."""
         bs = x.size(0)
         n_nodes = node_mask.squeeze(2).sum(1)
         gamma_0 = self.gamma(torch.zeros((bs, 1), device=x.device, dtype=x.dtype))
         log_sigma = 0.5 * gamma_0.view(bs)
-        return n_nodes * self.n_dims * (-log_sigma - 0.5 * math.log(2 * math.pi))
+        dof = self.n_dims if self.h_constants_dof is None else self.h_constants_dof
+        return n_nodes * dof * (-log_sigma - 0.5 * math.log(2 * math.pi))
 
     # ---------------------------------------------------------------- objective
     def compute_latent_loss(self, x, h, node_mask, edge_mask, context):

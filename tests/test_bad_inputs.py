@@ -258,6 +258,38 @@ MATRIX: list[tuple[str, list[str], str]] = [
     ("quickstart", ["--lr", "nan"], "--lr must be a finite number > 0"),
     ("quickstart", ["--ema_decay", "1.5"], "--ema_decay must be a finite number >= 0 and < 1"),
     ("quickstart", ["--workers", "0"], "--workers must be an integer >= 1"),
+    # --- GeoLDM's flags (training/latent_args.py) ---
+    ("main_qm9", [*TRAIN, "--latent_nf", "0"], "--latent_nf must be an integer >= 1 and <= 256, got 0"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--latent_nf", "100000"], "--latent_nf must be an integer >= 1 and <= 256"),
+    ("main_qm9", [*TRAIN, "--latent_nf", "two"], "argument --latent_nf: invalid int value"),
+    ("main_qm9", [*TRAIN, "--kl_weight", "nan"], "--kl_weight must be a finite number >= 0, got nan"),
+    ("main_qm9", [*TRAIN, "--kl_weight", "-1"], "--kl_weight must be a finite number >= 0"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "maybe"], "argument --train_diffusion: expected True or False"),
+    ("main_qm9", [*TRAIN, "--trainable_ae"], "--trainable_ae trains the decoder jointly with the latent diffusion: add --train_diffusion"),
+    ("main_geom_drugs", [*TRAIN, "--trainable_ae"], "add --train_diffusion"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "False", "--trainable_ae"], "add --train_diffusion"),
+    ("main_qm9", [*TRAIN, "--ae_path", "{vae_run}"], "--ae_path initialises the first stage of a latent diffusion run: add --train_diffusion"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{tmp}/nowhere"], "--ae_path {tmp}/nowhere: run folder {tmp}/nowhere does not exist"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{tmp}"], "--ae_path {tmp}: {tmp}/args.pickle is missing"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{edm_run}"], "is an EDM run, not a VAE-only run"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{geoldm_run}"], "is a latent diffusion run, not a VAE-only run"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{evil_args}"], "refusing to unpickle it"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{huge_vae}"], "nf=10000000 is out of range"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{vae_geom}", "--include_charges=False"],
+     "was trained with dataset='geom' but this run has dataset='qm9'; use the same --dataset"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{vae_run}"],
+     "was trained with include_charges=False but this run has include_charges=True; use the same --include_charges"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{vae_run}", "--include_charges=False", "--latent_nf", "3"],
+     "--latent_nf 3 differs from the first stage's latent_nf 2"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{vae_no_weights}", "--include_charges=False"],
+     "has no generative_model_ema.npy (the VAE run never saved a best model)"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--zero_center_h", "true"], "GeoLDM's latent diffusion does not centre features"),
+    ("main_qm9", [*TRAIN, "--latent_nf", "2", "--model", "gnn_dynamics"], "GeoLDM's autoencoder is an EGNN: use --model egnn_dynamics"),
+    ("eval_analyze", ["--model_path", "{huge_latent}"], "latent_nf=1000000 is out of range"),
+    ("main_qm9", [*TRAIN, "--train_diffusion", "--ae_path", "{huge_latent}"], "latent_nf=1000000 is out of range"),
+    ("eval_analyze", ["--model_path", "{vae_run}"], "is a VAE-only GeoLDM run (the first stage: an autoencoder, nothing to sample)"),
+    ("eval_sample", ["--model_path", "{vae_run}"], "is a VAE-only GeoLDM run"),
+    ("GAGA_test", ["--model_path", "{vae_run}"], "train a latent diffusion on it with --train_diffusion --ae_path"),
     ("quickstart", ["--n_samples", "0"], "--n_samples must be an integer >= 1"),
     ("quickstart", ["--timesteps", "300:2000:50"], "lie outside [0, 1000]"),
     ("quickstart", ["--gaussianity_molecules", "0"], "--gaussianity_molecules must be an integer >= 1"),
@@ -287,7 +319,8 @@ def tripwires(monkeypatch):
 
     for target, name in [
         (qm9.data.qm9, "load_qm9"), (qm9.data.qm9, "ensure_cache"), (qm9.dataset, "retrieve_dataloaders"),
-        (qm9.models, "get_model"), (qm9.models, "read_state_dict"), (gaga.data, "load_features"),
+        (qm9.models, "get_model"), (qm9.models, "get_autoencoder"), (qm9.models, "get_latent_diffusion"),
+        (qm9.models, "read_state_dict"), (gaga.data, "load_features"),
         (Gaussianity_test, "load_features"), (Variance_Estimate, "load_features"),
         (qm9.data.geom, "retrieve_geom_dataloaders"), (training.evaluate, "training_smiles"),
     ]:
@@ -344,6 +377,22 @@ def places(tmp_path_factory) -> dict[str, str]:
     (text_factors / "generative_model.npy").write_bytes(b"never read")
     nan_run = tmp_path / "nan_run"
     save_run_args(nan_run, run_args(dataset_var=math.nan))
+    vae_fields = dict(max_t=None, zero_center_h=False, dataset_var=1.0, train_diffusion=False, latent_nf=2,
+                      kl_weight=0.01, trainable_ae=False, ae_path=None)
+    vae_run = tmp_path / "vae_run"
+    save_run_args(vae_run, run_args(**vae_fields))
+    (vae_run / "generative_model_ema.npy").write_bytes(b"never read")
+    vae_no_weights = tmp_path / "vae_no_weights"
+    save_run_args(vae_no_weights, run_args(**vae_fields))
+    vae_geom = tmp_path / "vae_geom"
+    save_run_args(vae_geom, run_args(**vae_fields, dataset="geom"))
+    huge_vae = tmp_path / "huge_vae"
+    save_run_args(huge_vae, run_args(**vae_fields, nf=10_000_000))
+    huge_latent = tmp_path / "huge_latent"
+    save_run_args(huge_latent, run_args(**{**vae_fields, "latent_nf": 10**6}))
+    (huge_latent / "generative_model_ema.npy").write_bytes(b"never read")
+    geoldm_run = tmp_path / "geoldm_run"
+    save_run_args(geoldm_run, run_args(**{**vae_fields, "train_diffusion": True}))
     results = tmp_path / "results"
     results.mkdir()
     (results / "results_atoms_5.csv").write_text("index,split_row,n_atoms,chunk,t,pass\n1,0,5,0,300,0\n1,0,5,0,350,x\n")
@@ -352,6 +401,8 @@ def places(tmp_path_factory) -> dict[str, str]:
     (garbage / "results_atoms_5.csv").write_bytes(b"\x00\x01PK not a csv at all\n")
     return {
         "tmp": str(tmp), "file": str(plain), "run": str(run), "edm_run": str(edm), "runs": str(runs), "huge_args": str(huge),
+        "vae_run": str(vae_run), "vae_no_weights": str(vae_no_weights), "vae_geom": str(vae_geom),
+        "huge_vae": str(huge_vae), "geoldm_run": str(geoldm_run), "huge_latent": str(huge_latent),
         "nan_args": str(nan_run), "text_factors": str(text_factors), "results": str(results), "garbage_csv": str(garbage),
         "evil_args": str(_pickle_file(tmp_path / "evil", pickle.dumps(argparse.Namespace(x=_RunsCommand())), weights=True)),
         "bytes_args": str(_pickle_file(tmp_path / "bytes", pickle.dumps(argparse.Namespace(x=_AllocatesBytes())))),

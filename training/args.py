@@ -35,6 +35,7 @@ from egnn.egnn_new import IMPLS as EGNN_IMPLS
 from egnn.registry import backbone_names
 from equivariant_diffusion.samplers import sampler_names
 from training.compat import warn_no_op_flags
+from training.latent_args import add_latent_flags, resolve_latent_args
 from egnn.device_policy import group_by_size_choice
 
 SCRIPTS = FAMILIES  # a dataset's family (configs/datasets.py) names the script whose defaults it takes
@@ -165,6 +166,8 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     a("--zero_center_h", type=zero_center_choice, default="auto",
       help="centre atom-type features per molecule: auto (= true iff --max_t given), true, false")
     a("--sampler", type=str, default="ddpm", choices=sampler_names(), help="sampler of the stability check")
+    # --- GeoLDM (training/latent_args.py) ---
+    add_latent_flags(p)
     # --- this implementation ---
     a("--egnn_impl", type=str, default="fast", choices=EGNN_IMPLS,
       help="EGNN/GNN layers: fast (fused kernels) or reference (EDM's equations as written); same weights, same outputs")
@@ -217,6 +220,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     check_conditioning_flags(args)
     if args.probabilistic_model != "diffusion":
         raise UserInputError(f"--probabilistic_model {args.probabilistic_model!r} is not supported; use diffusion")
+    resolve_latent_args(args)  # GeoLDM's flags: edm / vae / geoldm run (before zero_center_h)
     choice = args.zero_center_h
     if isinstance(choice, str):
         if choice == "auto":

@@ -23,6 +23,7 @@ SIZE_RULES: dict[str, Rule] = {
     "n_layers": at_least(1, high=MAX_LAYERS),
     "inv_sublayers": at_least(1, high=MAX_SUBLAYERS),
     "diffusion_steps": at_least(1, high=MAX_DIFFUSION_STEPS),
+    "latent_nf": at_least(1, optional=True, high=256),  # GeoLDM (training/latent_args.py); None = not GeoLDM
 }
 
 TRAINING_RULES: dict[str, Rule] = {

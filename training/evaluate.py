@@ -21,6 +21,7 @@ from configs.errors import CheckpointError, DataError, RunFolderError, UserInput
 from configs.run_args import load_run_args, safe_datadir
 from training.args import fill_legacy_defaults
 from training.checkpoint import EMA_FILE, MODEL_FILE
+from training.latent_args import check_samplable
 
 
 @dataclass
@@ -78,6 +79,7 @@ def read_run_args(model_path: str | os.PathLike, datadir: str | None = None) -> 
     args = fill_legacy_defaults(load_run_args(run_dir))
     source = str(run_dir / "args.pickle")
     check_run_config(args, source)
+    check_samplable(args, run_dir)  # a GeoLDM VAE-only folder: nothing to sample (training/latent_training.py)
     args.datadir = safe_datadir(getattr(args, "datadir", None), datadir, args.dataset)
     args.context_node_nf = int(getattr(args, "context_node_nf", 0) or 0)
     try:
@@ -97,7 +99,8 @@ def load_run(
     Raises RunFolderError / CheckpointError (one line) for a missing, unsafe or inconsistent folder.
     ``args``: the result of ``read_run_args`` when the caller already read it.
     """
-    from qm9.models import check_state_dict, describe_run, get_model, read_state_dict
+    from qm9.models import check_state_dict, describe_run, read_state_dict
+    from training.latent_training import build_run_model
 
     run_dir = Path(model_path)
     if args is None:
@@ -107,7 +110,7 @@ def load_run(
     state = read_state_dict(weights)
     check_weights_fit_args(state, args, str(weights))
     try:
-        model, nodes_dist, prop_dist = get_model(args, device, dataset_info, None)
+        model, nodes_dist, prop_dist = build_run_model(args, device, dataset_info, None)  # EDM or GeoLDM
     except ValueError as e:
         raise RunFolderError(f"{run_dir / 'args.pickle'}: {' '.join(str(e).split())}") from None
     check_state_dict(model, state, str(weights), describe_run(args))

@@ -20,6 +20,7 @@ from training import checkpoint as ckpt
 from training.args import explicit_flags, fill_legacy_defaults, parse_args
 from training.args_check import check_buildable, check_run_sizes
 from training.distributed import DistContext, cleanup, setup
+from training.latent_training import trainer_class
 from training.trainer import Trainer, seed_everything
 
 __all__ = ["RESUME_OVERRIDABLE", "RUN_FILES", "Trainer", "check_new_run_folder", "main", "resume_args",
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None, script: str = "qm9", trainer_cls: ty
         check_new_run_folder(run_dir, args.overwrite)
     ctx = setup(args)
     try:
+        trainer_cls = trainer_class(args, trainer_cls)  # GeoLDM runs: training/latent_training.py
         return train(args, ctx, run_dir, resuming, trainer_cls)
     finally:
         cleanup(ctx)
