@@ -11,6 +11,12 @@ their last checkpoint, written every ``checkpoint_every_steps`` steps) or when b
 (``resume_state.pt``, ``args.pickle``, ``metrics.jsonl``, ``train.log``) is copied to
 ``pretrained/training_state/<run>/`` (committed), and restored from there when the live folder
 is missing.
+
+The machinery is generic: a ``Study`` is a set of ``Run``s, each naming the script that trains it
+(``main_qm9.py`` for a generator, ``main_qm9_prop.py`` for a property classifier), its flags, its
+live folder and where it ships. ``python equal_budget.py`` drives the QM9 study above (the
+default); ``python equal_budget.py --study cond_alpha ...`` drives the conditional (alpha) study
+of ``training/conditional_study.py`` with the same commands.
 """
 from __future__ import annotations
 
@@ -21,9 +27,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 from configs.atomic_io import atomic_write_bytes
 from configs.errors import RunFolderError, UserInputError
@@ -64,6 +70,88 @@ RUNS: dict[str, dict[str, str]] = {
     "qm9_gaga_small": {"max_t": str(GAGA_T_STAR), "dataset_var": str(GAGA_DATASET_VAR)},
 }
 
+GENERATOR, CLASSIFIER = "generator", "classifier"
+CLASSIFIER_STATE_FILES = ("args.pickle", "resume_state.pt", "losess.json", "best_checkpoint.npy", "train_summary.log")
+CLASSIFIER_SUMMARY_MARKERS = ("=== ", "Resuming", "Epoch ", "egnn for", "numnodes for", "stopped")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a study: the script that trains it, a fresh start's flags, its live folder's
+    parent and where ``ship`` writes it (relative to ``pretrained/``).
+
+    A generator (``main_qm9.py``) trains to the study's ``--epochs`` and resumes at the exact step;
+    a classifier (``main_qm9_prop.py``) trains to its own ``fixed_epochs`` (its ``--epochs`` is the
+    cosine period, so it cannot change) and resumes at the last finished epoch.
+    """
+    name: str
+    flags: dict
+    live_root: Path = LIVE_ROOT
+    kind: str = GENERATOR
+    fixed_epochs: int | None = None
+    ship_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in (GENERATOR, CLASSIFIER):
+            raise ValueError(f"run {self.name}: kind must be {GENERATOR!r} or {CLASSIFIER!r}")
+        if self.kind == CLASSIFIER and not self.fixed_epochs:
+            raise ValueError(f"classifier run {self.name} needs fixed_epochs (its cosine period)")
+
+    @property
+    def script(self) -> Path:
+        return REPO / ("main_qm9.py" if self.kind == GENERATOR else "qm9/property_prediction/main_qm9_prop.py")
+
+    @property
+    def state_files(self) -> tuple[str, ...]:
+        return STATE_FILES if self.kind == GENERATOR else CLASSIFIER_STATE_FILES
+
+    @property
+    def summary_markers(self) -> tuple[str, ...]:
+        return SUMMARY_MARKERS if self.kind == GENERATOR else CLASSIFIER_SUMMARY_MARKERS
+
+    def target_epochs(self, epochs: int) -> int:
+        """The epoch this run trains to when the study trains to ``epochs``."""
+        return epochs if self.fixed_epochs is None else self.fixed_epochs
+
+    def with_flags(self, **flags: str) -> "Run":
+        """A copy with some flags replaced (tests: tiny data); ``fixed_epochs`` follows ``epochs``."""
+        fixed = int(flags["epochs"]) if self.kind == CLASSIFIER and "epochs" in flags else self.fixed_epochs
+        return replace(self, flags={**self.flags, **flags}, fixed_epochs=fixed)
+
+    def command(self, epochs: int, resume: bool, live_root: Path | None = None,
+                overrides: dict[str, str] | None = None) -> list[str]:
+        """The command line that starts or continues the run."""
+        root = self.live_root if live_root is None else live_root
+        if self.kind == GENERATOR:
+            if resume:
+                argv = ["--resume", str(root / self.name), "--n_epochs", str(epochs)]
+            else:
+                argv = ["--exp_name", self.name, "--output_root", str(root), "--n_epochs", str(epochs),
+                        *flag_list({**self.flags, **(overrides or {})})]
+        elif resume:  # the stored args decide; --outf and --no-cuda may be given again
+            argv = ["--exp_name", self.name, "--outf", str(root), "--resume", "--no-cuda"]
+        else:
+            flags = {**self.flags, **(overrides or {}), "epochs": str(self.fixed_epochs)}
+            argv = ["--exp_name", self.name, "--outf", str(root), *flag_list(flags)]
+        return [sys.executable, str(self.script), *argv]
+
+
+QM9_RUNS = tuple(Run(name, {**COMMON_FLAGS, **flags}) for name, flags in RUNS.items())
+
+
+def find_run(run: Union[str, Run]) -> Run:
+    """A run given by name (of any study) or as a Run."""
+    if isinstance(run, Run):
+        return run
+    for candidate in QM9_RUNS:  # the QM9 study never needs the other studies' modules
+        if candidate.name == run:
+            return candidate
+    for study in studies().values():
+        for candidate in study.runs:
+            if candidate.name == run:
+                return candidate
+    raise UserInputError(f"unknown run {run!r}")
+
 
 def flag_list(flags: dict[str, str]) -> list[str]:
     out = []
@@ -72,23 +160,17 @@ def flag_list(flags: dict[str, str]) -> list[str]:
     return out
 
 
-def training_command(run: str, epochs: int, resume: bool, live_root: Path = LIVE_ROOT,
+def training_command(run: Union[str, Run], epochs: int, resume: bool, live_root: Path | None = None,
                      overrides: dict[str, str] | None = None) -> list[str]:
-    """The main_qm9.py command line that starts or continues ``run``."""
-    run_dir = live_root / run
-    if resume:
-        argv = ["--resume", str(run_dir), "--n_epochs", str(epochs)]
-    else:
-        flags = {**COMMON_FLAGS, **RUNS[run], **(overrides or {})}
-        argv = ["--exp_name", run, "--output_root", str(live_root), "--n_epochs", str(epochs), *flag_list(flags)]
-    return [sys.executable, str(REPO / "main_qm9.py"), *argv]
+    """The command line that starts or continues ``run`` (main_qm9.py or main_qm9_prop.py)."""
+    return find_run(run).command(epochs, resume, live_root, overrides)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     atomic_write_bytes(dst, src.read_bytes())
 
 
-def write_log_summary(run_dir: Path) -> Path | None:
+def write_log_summary(run_dir: Path, markers: tuple[str, ...] = SUMMARY_MARKERS) -> Path | None:
     """train_summary.log: the epoch, evaluation and session lines of train.log (no progress bars)."""
     log = run_dir / "train.log"
     if not log.is_file():
@@ -96,32 +178,39 @@ def write_log_summary(run_dir: Path) -> Path | None:
     keep = []
     for line in log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines():
         line = line.strip()
-        if line.startswith(SUMMARY_MARKERS):
+        if line.startswith(markers):
             keep.append(line)
     return atomic_write_bytes(run_dir / "train_summary.log", ("\n".join(keep) + "\n").encode())
 
 
-def snapshot(run: str, live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT) -> list[Path]:
+def _live(run: Run, live_root: Path | None) -> Path:
+    return (run.live_root if live_root is None else live_root) / run.name
+
+
+def snapshot(run: Union[str, Run], live_root: Path | None = None, state_root: Path = STATE_ROOT) -> list[Path]:
     """Copy the run's resumable files to the committed state folder; returns what was copied."""
-    write_log_summary(live_root / run)
+    run = find_run(run)
+    live = _live(run, live_root)
+    write_log_summary(live, run.summary_markers)
     copied = []
-    for name in STATE_FILES:
-        src = live_root / run / name
+    for name in run.state_files:
+        src = live / name
         if src.is_file():
-            _copy_atomic(src, state_root / run / name)
-            copied.append(state_root / run / name)
+            _copy_atomic(src, state_root / run.name / name)
+            copied.append(state_root / run.name / name)
     return copied
 
 
-def restore(run: str, live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT) -> bool:
+def restore(run: Union[str, Run], live_root: Path | None = None, state_root: Path = STATE_ROOT) -> bool:
     """Fill a missing live run folder from the committed state; True if the run can resume."""
-    live = live_root / run
+    run = find_run(run)
+    live = _live(run, live_root)
     if (live / "resume_state.pt").is_file():
         return True
-    saved = state_root / run
+    saved = state_root / run.name
     if not (saved / "resume_state.pt").is_file():
         return False
-    for name in STATE_FILES:
+    for name in run.state_files:
         if (saved / name).is_file():
             _copy_atomic(saved / name, live / name)
     if (saved / "train_summary.log").is_file():  # the log goes on from the summary of earlier sessions
@@ -130,20 +219,32 @@ def restore(run: str, live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT
     return True
 
 
-def run_progress(run_dir: Path) -> dict[str, int] | None:
-    """epoch / step_in_epoch / global_step of a run's resume state (None without one)."""
+def run_progress(run_dir: Path) -> dict | None:
+    """Where a run folder's resume state is (None without one): epoch / step_in_epoch / global_step
+    of a generator; epoch, best_epoch, best_val, best_test of a classifier."""
     path = run_dir / "resume_state.pt"
     if not path.is_file():
         return None
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)["state"]
-    return {k: int(state[k]) for k in ("epoch", "step_in_epoch", "global_step")}
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if "state" in saved:
+        state = saved["state"]
+        return {k: int(state[k]) for k in ("epoch", "step_in_epoch", "global_step")}
+    log = saved["log"]  # a classifier's (train_classifier.py)
+    return {"epoch": int(saved["epoch"]), "best_epoch": int(log["best_epoch"]), "best_val": float(log["best_val"]),
+            "best_test": float(log["best_test"])}
+
+
+def _folder(run: Run, live_root: Path | None, state_root: Path) -> Path:
+    """The live folder when it holds a resume state, else the committed state."""
+    live = _live(run, live_root)
+    return live if (live / "resume_state.pt").is_file() else state_root / run.name
 
 
 @dataclass
 class _Child:
-    run: str
+    run: Run
     process: subprocess.Popen
     log: object
     started: float = field(default_factory=time.time)
@@ -156,30 +257,36 @@ def _single_thread_env() -> dict[str, str]:
     return env
 
 
-def train(runs: Sequence[str], epochs: int, hours: float, nice: int = 10, live_root: Path = LIVE_ROOT,
+def train(runs: Sequence[Union[str, Run]], epochs: int, hours: float, nice: int = 10, live_root: Path | None = None,
           state_root: Path = STATE_ROOT, overrides: dict[str, str] | None = None, poll_seconds: float = 10.0) -> dict[str, int]:
     """Train (or continue) the runs side by side, one thread each, for at most ``hours``.
 
-    Returns each run's exit code (0: reached ``epochs``; -15: stopped at the deadline).
-    The resumable state is snapshotted to ``state_root`` at the end, also on Ctrl-C.
+    Generators train to ``epochs``, classifiers to their own fixed epochs. Returns each run's exit
+    code (0: reached its epochs; -15 or a clean stop: stopped at the deadline). The resumable
+    state is snapshotted to ``state_root`` at the end, also on Ctrl-C. ``live_root`` (tests) puts
+    every run under one folder instead of its own.
     """
+    runs = [find_run(r) for r in runs]
     children: list[_Child] = []
     deadline = time.time() + hours * 3600.0
     codes: dict[str, int] = {}
     try:
         for run in runs:
+            live = _live(run, live_root)
+            target = run.target_epochs(epochs)
             resume = restore(run, live_root, state_root)
-            progress = run_progress(live_root / run) if resume else None
-            if progress is not None and progress["epoch"] >= epochs:
-                print(f"{run}: already at epoch {progress['epoch']} >= {epochs}; nothing to train")
-                codes[run] = 0
+            progress = run_progress(live) if resume else None
+            if progress is not None and progress["epoch"] >= target:
+                print(f"{run.name}: already at epoch {progress['epoch']} >= {target}; nothing to train")
+                codes[run.name] = 0
                 continue
-            (live_root / run).mkdir(parents=True, exist_ok=True)
-            command = training_command(run, epochs, resume, live_root, overrides)
-            log = open(live_root / run / "train.log", "a", encoding="utf-8")
+            live.mkdir(parents=True, exist_ok=True)
+            command = run.command(target, resume, live_root, overrides)
+            log = open(live / "train.log", "a", encoding="utf-8")
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
             log.flush()
-            print(f"{run}: {'continuing' if resume else 'starting'} ({progress or 'new run'}); log {log.name}")
+            print(f"{run.name}: {'continuing' if resume else 'starting'} ({progress or 'new run'}) to epoch {target}; "
+                  f"log {log.name}")
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=_single_thread_env(),
                 preexec_fn=(lambda: os.nice(nice)) if nice else None,
@@ -203,26 +310,33 @@ def train(runs: Sequence[str], epochs: int, hours: float, nice: int = 10, live_r
                 child.process.kill()
                 child.process.wait()
             child.log.close()
-            codes[child.run] = child.process.returncode
+            codes[child.run.name] = child.process.returncode
             hours_used = (time.time() - child.started) / 3600.0
-            print(f"{child.run}: exit {child.process.returncode} after {hours_used:.2f} h; "
-                  f"progress {run_progress(live_root / child.run)}")
+            print(f"{child.run.name}: exit {child.process.returncode} after {hours_used:.2f} h; "
+                  f"progress {run_progress(_live(child.run, live_root))}")
         for run in runs:
             snapshot(run, live_root, state_root)
     return codes
 
 
-def status(runs: Sequence[str], live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT) -> list[str]:
+def status(runs: Sequence[Union[str, Run]], live_root: Path | None = None, state_root: Path = STATE_ROOT) -> list[str]:
     """One line per run: where it is and its latest evaluation."""
     from training.metrics_log import read_records
 
     lines = []
-    for run in runs:
-        folder = live_root / run if (live_root / run / "resume_state.pt").is_file() else state_root / run
+    for run in map(find_run, runs):
+        folder = _folder(run, live_root, state_root)
         progress = run_progress(folder)
+        if run.kind == CLASSIFIER:
+            if progress is None:
+                lines.append(f"{run.name}: not started (classifier, {run.fixed_epochs} epochs)")
+            else:
+                lines.append(f"{run.name}: epoch {progress['epoch']} of {run.fixed_epochs}; best valid MAE "
+                             f"{progress['best_val']:.4f} at epoch {progress['best_epoch']} (test MAE {progress['best_test']:.4f})")
+            continue
         records = read_records(folder)
         last = records[-1] if records else None
-        text = f"{run}: {progress or 'not started'}"
+        text = f"{run.name}: {progress or 'not started'}"
         if last:
             stab = last.get("stability") or {}
             text += (f"; epoch {last['epoch']} val NLL {last.get('val_nll')}, atom stab {stab.get('atm_stable')}, "
@@ -269,10 +383,12 @@ def plot_curves(run_dirs: dict[str, Path], out: Path) -> Path:
 PRETRAINED_ROOT = REPO / "pretrained"
 
 
-def ship(run: str, epoch: int, live_root: Path = LIVE_ROOT, state_root: Path = STATE_ROOT,
+def ship(run: Union[str, Run], epoch: int, live_root: Path | None = None, state_root: Path = STATE_ROOT,
          out_root: Path = PRETRAINED_ROOT) -> Path:
     """Write ``<out_root>/<run>/{args.pickle, generative_model_ema.npy}`` with the EMA weights at the
-    end of ``epoch`` (the equal budget): a folder every script loads.
+    end of ``epoch`` (the equal budget): a folder every script loads. A classifier ships its
+    ``args.pickle`` and ``best_checkpoint.npy`` (what eval_conditional_qm9 loads) once it has
+    finished its own epochs (``epoch`` does not apply to it).
 
     The weights come from the resume state when the run stopped exactly there, else from the
     per-epoch copy (``generative_model_ema_<epoch - 1>.npy``) that a validation epoch with a new
@@ -283,10 +399,15 @@ def ship(run: str, epoch: int, live_root: Path = LIVE_ROOT, state_root: Path = S
     from configs.run_args import load_run_args, loads_args, save_run_args
     from training.checkpoint import EMA_FILE, atomic_torch_save
 
-    folder = live_root / run if (live_root / run / "resume_state.pt").is_file() else state_root / run
+    run = find_run(run)
+    folder = _folder(run, live_root, state_root)
     progress = run_progress(folder)
-    per_epoch = live_root / run / f"generative_model_ema_{epoch - 1}.npy"
-    per_epoch_args = live_root / run / f"args_{epoch - 1}.pickle"
+    out = out_root / (run.ship_dir or run.name)
+    if run.kind == CLASSIFIER:
+        return _ship_classifier(run, folder, progress, out)
+    live = _live(run, live_root)
+    per_epoch = live / f"generative_model_ema_{epoch - 1}.npy"
+    per_epoch_args = live / f"args_{epoch - 1}.pickle"
     if progress is not None and progress["epoch"] == epoch and progress["step_in_epoch"] == 0:
         saved = torch.load(folder / "resume_state.pt", map_location="cpu", weights_only=True)
         weights = saved["model_ema"] if saved["model_ema"] is not None else saved["model"]
@@ -295,12 +416,23 @@ def ship(run: str, epoch: int, live_root: Path = LIVE_ROOT, state_root: Path = S
             args := loads_args(per_epoch_args.read_bytes(), source=str(per_epoch_args)), "current_epoch", None) == epoch:
         weights = torch.load(per_epoch, map_location="cpu", weights_only=True)
     else:
-        raise RunFolderError(f"{run} is at {progress}, not at the end of epoch {epoch}, and has no per-epoch EMA "
+        raise RunFolderError(f"{run.name} is at {progress}, not at the end of epoch {epoch}, and has no per-epoch EMA "
                              f"copy of that epoch; train it there first (python equal_budget.py train --epochs {epoch})")
     args.current_epoch, args.n_epochs, args.resume = epoch, epoch, None
-    out = out_root / run
     atomic_torch_save(weights, out / EMA_FILE)
     save_run_args(out, args)
+    return out
+
+
+def _ship_classifier(run: Run, folder: Path, progress: dict | None, out: Path) -> Path:
+    """args.pickle + best_checkpoint.npy of a classifier that finished its epochs."""
+    if progress is None or progress["epoch"] < run.fixed_epochs:
+        where = "not started" if progress is None else f"at epoch {progress['epoch']}"
+        raise RunFolderError(f"classifier {run.name} is {where} of {run.fixed_epochs}; train it to the end first")
+    for name in ("args.pickle", "best_checkpoint.npy"):
+        if not (folder / name).is_file():
+            raise RunFolderError(f"{folder / name} is missing; snapshot the classifier from its live folder")
+        _copy_atomic(folder / name, out / name)
     return out
 
 
@@ -401,22 +533,29 @@ def pilot(candidates: Sequence[str], cpu_minutes: float, n_val: int = 2000, nice
     return results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="EDM vs EDM+GAGA at equal budget on a CPU (training side).")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train both runs side by side (resumes), then snapshot their state")
-    t.add_argument("--epochs", type=int, required=True, help="train until this epoch (the equal budget)")
-    t.add_argument("--hours", type=float, default=2.5, help="stop after this many hours (resume later)")
-    t.add_argument("--nice", type=int, default=10, help="niceness of the training processes (0: none)")
-    t.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
-    pl = sub.add_parser("pilot", help="train candidate configurations for a few minutes each; score by validation NLL")
-    pl.add_argument("--candidates", nargs="+", required=True, help="e.g. nf=64,n_layers=4,lr=5e-4 nf=128,n_layers=4")
-    pl.add_argument("--cpu_minutes", type=float, default=8.0, help="CPU minutes per candidate (all run at once)")
-    pl.add_argument("--n_val", type=int, default=2000, help="validation molecules for the score")
-    sh = sub.add_parser("ship", help="write pretrained/<run>/ (args.pickle + EMA weights) at the budget's epoch")
-    sh.add_argument("--epochs", type=int, required=True)
-    sh.add_argument("--runs", default=",".join(RUNS))
-    ev = sub.add_parser("evaluate", help="the study's table from the shipped models")
+@dataclass(frozen=True)
+class Study:
+    """A set of runs trained side by side and resumed across sessions, with its own evaluation."""
+    name: str
+    title: str
+    runs: tuple
+    add_evaluate_arguments: Callable[[argparse.ArgumentParser], None]
+    evaluate_command: Callable[[argparse.Namespace], int]
+    curves_out: Path
+    has_pilot: bool = False
+
+    @property
+    def run_names(self) -> list[str]:
+        return [r.name for r in self.runs]
+
+    def run(self, name: str) -> Run:
+        for r in self.runs:
+            if r.name == name:
+                return r
+        raise UserInputError(f"unknown run(s) {[name]}; choose from {self.run_names}")
+
+
+def _qm9_evaluate_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--n_samples", type=int, default=1000)
     ev.add_argument("--iterations", type=int, default=3)
     ev.add_argument("--batch_size", type=int, default=100)
@@ -428,11 +567,44 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache_dir", default=str(PRETRAINED_ROOT / "equal_budget_eval"),
                     help="finished iterations per row (a stopped evaluation resumes from them)")
     ev.add_argument("--no_report", action="store_true", help=argparse.SUPPRESS)  # parallel jobs: fill the cache only
-    sub.add_parser("status", help="where each run is")
-    c = sub.add_parser("curves", help="PNG of validation NLL and stability against steps for both runs")
-    c.add_argument("--out", default=str(STATE_ROOT.parent / "training_curves.png"))
+
+
+def studies() -> dict[str, Study]:
+    """Every study by its --study name (the conditional one is imported on demand: it builds on this module)."""
+    from training.conditional_study import COND_ALPHA_STUDY
+
+    return {QM9_STUDY.name: QM9_STUDY, COND_ALPHA_STUDY.name: COND_ALPHA_STUDY}
+
+
+def build_parser(study: Study | None = None) -> argparse.ArgumentParser:
+    study = study or QM9_STUDY
+    names = ",".join(study.run_names)
+    p = argparse.ArgumentParser(description=study.title)
+    p.add_argument("--study", default=QM9_STUDY.name, choices=sorted(studies()),
+                   help="which study (default qm9: EDM vs EDM+GAGA on QM9; cond_alpha: the alpha-conditional one)")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the runs side by side (resumes), then snapshot their state")
+    t.add_argument("--epochs", type=int, required=True,
+                   help="train until this epoch (the equal budget; a classifier trains to its own fixed epochs)")
+    t.add_argument("--hours", type=float, default=2.5, help="stop after this many hours (resume later)")
+    t.add_argument("--nice", type=int, default=10, help="niceness of the training processes (0: none)")
+    t.add_argument("--runs", default=names, help="comma-separated subset of " + ", ".join(study.run_names))
+    if study.has_pilot:
+        pl = sub.add_parser("pilot", help="train candidate configurations for a few minutes each; score by validation NLL")
+        pl.add_argument("--candidates", nargs="+", required=True, help="e.g. nf=64,n_layers=4,lr=5e-4 nf=128,n_layers=4")
+        pl.add_argument("--cpu_minutes", type=float, default=8.0, help="CPU minutes per candidate (all run at once)")
+        pl.add_argument("--n_val", type=int, default=2000, help="validation molecules for the score")
+    sh = sub.add_parser("ship", help="write pretrained/<run>/ (args.pickle + EMA weights) at the budget's epoch")
+    sh.add_argument("--epochs", type=int, required=True)
+    sh.add_argument("--runs", default=names)
+    ev = sub.add_parser("evaluate", help="the study's table from the shipped models")
+    study.add_evaluate_arguments(ev)
+    s = sub.add_parser("status", help="where each run is")
+    s.add_argument("--runs", default=names)
+    c = sub.add_parser("curves", help="PNG of validation NLL and stability against steps for the generators")
+    c.add_argument("--out", default=str(study.curves_out))
     s = sub.add_parser("snapshot", help="copy the live runs' resumable state to pretrained/training_state")
-    s.add_argument("--runs", default=",".join(RUNS))
+    s.add_argument("--runs", default=names)
     return p
 
 
@@ -460,12 +632,32 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+QM9_STUDY = Study(
+    name="qm9", title="EDM vs EDM+GAGA at equal budget on a CPU (training side).", runs=QM9_RUNS,
+    add_evaluate_arguments=_qm9_evaluate_arguments, evaluate_command=_evaluate_command,
+    curves_out=STATE_ROOT.parent / "training_curves.png", has_pilot=True,
+)
+
+
+def _chosen_study(argv: Sequence[str]) -> Study:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--study", default=QM9_STUDY.name)
+    known, _ = pre.parse_known_args(argv)
+    all_studies = studies()
+    if known.study not in all_studies:
+        raise UserInputError(f"--study {known.study!r}: choose one of {', '.join(sorted(all_studies))}")
+    return all_studies[known.study]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    runs = [r for r in getattr(args, "runs", ",".join(RUNS)).split(",") if r]
-    unknown = [r for r in runs if r not in RUNS]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    study = _chosen_study(argv)
+    args = build_parser(study).parse_args(argv)
+    names = [r for r in getattr(args, "runs", ",".join(study.run_names)).split(",") if r]
+    unknown = [r for r in names if r not in study.run_names]
     if unknown:
-        raise UserInputError(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
+        raise UserInputError(f"unknown run(s) {unknown}; choose from {study.run_names}")
+    runs = [study.run(r) for r in names]
     if args.command == "train":
         if args.epochs < 1 or not args.hours > 0:
             raise UserInputError("--epochs must be >= 1 and --hours > 0")
@@ -487,17 +679,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(ship(run, args.epochs))
         return 0
     if args.command == "evaluate":
-        return _evaluate_command(args)
+        return study.evaluate_command(args)
     if args.command == "status":
         print("\n".join(status(runs)))
         return 0
     if args.command == "curves":
-        folders = {run: (LIVE_ROOT / run if (LIVE_ROOT / run / "metrics.jsonl").is_file() else STATE_ROOT / run)
-                   for run in runs}
+        folders = {run.name: (run.live_root / run.name if (run.live_root / run.name / "metrics.jsonl").is_file()
+                              else STATE_ROOT / run.name) for run in runs if run.kind == GENERATOR}
         print(plot_curves(folders, Path(args.out)))
         return 0
     if args.command == "snapshot":
         for run in runs:
-            print(f"{run}: {[str(p) for p in snapshot(run)]}")
+            print(f"{run.name}: {[str(p) for p in snapshot(run)]}")
         return 0
     return 2
