@@ -157,6 +157,5 @@ def test_evaluate_command_runs_both_generators_in_parallel_jobs(shipped, qm9_dat
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in (root / "cli_cache").iterdir()} == {f"{g}.json" for g in cs.GENERATORS} | {"dataset_rows.json"}
     assert "| EDM+GAGA |" in out.with_suffix(".md").read_text()
-    missing = subprocess.run([*cmd[:5], "--model_root", str(root / "nothing")], capture_output=True, text=True,
-                             cwd=study.REPO, timeout=120)
-    assert missing.returncode != 0 and "not shipped yet" in missing.stderr and "Traceback" not in missing.stderr
+    with pytest.raises(ValueError, match="not shipped yet"):
+        study.main(["--study", "cond_alpha", "evaluate", "--model_root", str(root / "nothing")])
