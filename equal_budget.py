@@ -6,7 +6,12 @@
     python equal_budget.py ship --epochs 60                  # pretrained/<run>/ at the budget
     python equal_budget.py evaluate --n_samples 1000 --iterations 3
 
-See training/study.py and pretrained/README.md.
+The conditional (alpha) study runs the same commands with ``--study cond_alpha`` (before the command):
+
+    python equal_budget.py --study cond_alpha train --epochs 20 --hours 2.5
+    python equal_budget.py --study cond_alpha evaluate --iterations 100 --batch_size 100 --jobs 2
+
+See training/study.py, training/conditional_study.py and pretrained/README.md.
 """
 import sys
 

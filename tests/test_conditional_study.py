@@ -159,3 +159,25 @@ def test_evaluate_command_runs_both_generators_in_parallel_jobs(shipped, qm9_dat
     assert "| EDM+GAGA |" in out.with_suffix(".md").read_text()
     with pytest.raises(ValueError, match="not shipped yet"):
         study.main(["--study", "cond_alpha", "evaluate", "--model_root", str(root / "nothing")])
+
+
+def test_train_refuses_a_run_that_another_process_is_training(tmp_path):
+    """A classifier started by hand and still running is not resumed a second time (two writers)."""
+    run = RUNS[cs.CLASSIFIER_RUN]
+    fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "main_qm9_prop.py", "--exp_name",
+                             run.name, "--outf", str(tmp_path)], cwd=study.REPO)
+    try:
+        import time
+
+        for _ in range(50):  # until its command line is readable
+            if study.running_elsewhere(run, tmp_path) == fake.pid:
+                break
+            time.sleep(0.1)
+        assert study.running_elsewhere(run, tmp_path) == fake.pid
+        assert study.running_elsewhere(run, tmp_path / "elsewhere") is None
+        with pytest.raises(ValueError, match=f"already being trained by process {fake.pid}"):
+            study.train([run], epochs=1, hours=0.01, nice=0, live_root=tmp_path, state_root=tmp_path / "state")
+    finally:
+        fake.kill()
+        fake.wait()
+    assert not (tmp_path / "state").exists()

@@ -257,6 +257,32 @@ def _single_thread_env() -> dict[str, str]:
     return env
 
 
+def running_elsewhere(run: Run, live_root: Path | None = None) -> int | None:
+    """The id of another process already training ``run`` in this checkout (a run started by hand,
+    or another ``train``), else None: two writers on one run folder would corrupt it. Linux /proc."""
+    live = _live(run, live_root)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if not any(a.endswith(run.script.name) for a in argv):
+            continue
+        named = run.name in argv or any(a.rstrip("/").endswith(f"/{run.name}") for a in argv)
+        root_flag = "--output_root" if run.kind == GENERATOR else "--outf"
+        root = argv[argv.index(root_flag) + 1] if root_flag in argv[:-1] else str(run.live_root)
+        if run.kind == GENERATOR and "--resume" in argv[:-1]:
+            folder = cwd / argv[argv.index("--resume") + 1]
+        else:
+            folder = cwd / root / run.name
+        if named and folder.resolve() == (REPO / live).resolve():
+            return int(entry.name)
+    return None
+
+
 def train(runs: Sequence[Union[str, Run]], epochs: int, hours: float, nice: int = 10, live_root: Path | None = None,
           state_root: Path = STATE_ROOT, overrides: dict[str, str] | None = None, poll_seconds: float = 10.0) -> dict[str, int]:
     """Train (or continue) the runs side by side, one thread each, for at most ``hours``.
@@ -267,6 +293,11 @@ def train(runs: Sequence[Union[str, Run]], epochs: int, hours: float, nice: int 
     every run under one folder instead of its own.
     """
     runs = [find_run(r) for r in runs]
+    for run in runs:
+        pid = running_elsewhere(run, live_root)
+        if pid is not None:
+            raise RunFolderError(f"{run.name} is already being trained by process {pid}; let it finish (or stop it "
+                                 f"and train again: it resumes), or leave it out with --runs")
     children: list[_Child] = []
     deadline = time.time() + hours * 3600.0
     codes: dict[str, int] = {}
