@@ -4,9 +4,10 @@ Each function computes exactly a textbook expression (stated in its docstring); 
 add is less work: fewer passes over the big (B, N, N, H) edge tensors and a backward that
 does not materialise broadcast copies.
 
-On float32 CPU tensors the GEMMs go through oneDNN's fused linear (the kernel torch.compile
-uses on x86), which runs about 2x faster than the default BLAS path here at float32
-accuracy; elsewhere (CUDA, float64) they fall back to ``torch.nn.functional.linear``.
+On float32 CPU tensors the forward GEMMs go through oneDNN's fused linear (the kernel
+torch.compile uses on x86; it fuses SiLU and the pair sum), at float32 accuracy; elsewhere
+(CUDA, float64) they fall back to ``torch.nn.functional.linear``. The backward GEMMs use
+``torch.mm``: oneDNN reorders transposed operands on every call.
 """
 from __future__ import annotations
 
