@@ -9,6 +9,10 @@ class, quiet machine).
 
     python bench/bench_model.py [--repeats 5] [--models full,small] [--threads 1,2]
 
+``--baseline DIR`` times another checkout (e.g. ``git worktree add /tmp/base <commit>``) and this
+one alternately, each in fresh processes, ``--rounds`` times: a before/after comparison on a
+shared machine (best and median round of each).
+
 ``--compare_policies`` instead times the execution policies of ``egnn.device_policy`` on the
 paper's configurations (QM9 nf 256 / 9 layers at batch 64 and 256, GEOM nf 256 / 4 layers at
 batch 32; sampling steps on the same number of molecules, padded to the dataset's largest):
@@ -228,17 +232,50 @@ def compare_policies(opts: argparse.Namespace) -> dict:
     return report
 
 
-def measure_in_subprocess(opts: argparse.Namespace, name: str, n_threads: int) -> dict:
+def measure_in_subprocess(opts: argparse.Namespace, name: str, n_threads: int, script: str = __file__) -> dict:
     """One (model, thread count) measurement in a fresh process: thread pools and cached
-    GEMM kernels of a process are set up for its first thread count."""
-    cmd = [sys.executable, __file__, "--worker", "--models", name, "--threads", str(n_threads),
-           "--repeats", str(opts.repeats), "--datadir", opts.datadir, "--seed", str(opts.seed)]
+    GEMM kernels of a process are set up for its first thread count. ``script``: this file, or
+    the same file of another checkout (``--baseline``)."""
+    cmd = [sys.executable, script, "--worker", "--models", name, "--threads", str(n_threads),
+           "--repeats", str(opts.repeats), "--datadir", str(Path(opts.datadir).resolve()), "--seed", str(opts.seed)]
     if opts.no_grouping:
         cmd.append("--no_grouping")
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(script).resolve().parents[1])
     if done.returncode != 0:
         raise SystemExit(f"benchmark worker failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     return json.loads(done.stdout)
+
+
+def compare_with_baseline(opts: argparse.Namespace, names: list[str], threads: list[int]) -> dict:
+    """ms per step of this checkout and of ``opts.baseline`` (another checkout, e.g. ``git
+    worktree add /tmp/base <commit>``), in fresh processes alternating baseline, ours, baseline,
+    ... for ``opts.rounds`` rounds, so that load from other work hits both alike. Per round each
+    process reports its best of ``--repeats``; the summary gives the best and the median round."""
+    baseline_script = Path(opts.baseline) / "bench" / "bench_model.py"
+    if not baseline_script.is_file():
+        raise SystemExit(f"--baseline {opts.baseline}: no bench/bench_model.py there; pass a checkout of this repository")
+    report = {"load_average_at_start": [round(v, 2) for v in os.getloadavg()], "rounds": opts.rounds,
+              "repeats": opts.repeats, "baseline": str(opts.baseline), "results": {}}
+    for name in names:
+        for n_threads in threads:
+            runs: dict = {"baseline": [], "ours": []}
+            for _ in range(opts.rounds):
+                runs["baseline"].append(measure_in_subprocess(opts, name, n_threads, str(baseline_script)))
+                runs["ours"].append(measure_in_subprocess(opts, name, n_threads))
+            row = {}
+            for which, results in runs.items():
+                for kind in ("train_ms", "sample_ms"):
+                    values = [r[kind] for r in results]
+                    row.setdefault(which, {})[kind] = {"best": min(values), "median": round(float(np.median(values)), 1),
+                                                      "rounds": values}
+            row["speedup_best"] = {k: round(row["baseline"][k]["best"] / row["ours"][k]["best"], 3)
+                                   for k in ("train_ms", "sample_ms")}
+            row["speedup_median"] = {k: round(row["baseline"][k]["median"] / row["ours"][k]["median"], 3)
+                                     for k in ("train_ms", "sample_ms")}
+            report["results"][f"{name}_{n_threads}thread"] = row
+            print(json.dumps({f"{name}_{n_threads}thread": row}), file=sys.stderr, flush=True)
+    report["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default=",".join(PAPER_CONFIGS), help="subset of " + ",".join(PAPER_CONFIGS))
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the compiled policy")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    parser.add_argument("--baseline", default=None,
+                        help="another checkout of this repository: time it and this one alternately (before/after)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --baseline: alternating rounds per model")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.compare_policies:
@@ -270,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    if opts.baseline and not opts.worker:
+        print(json.dumps(compare_with_baseline(opts, names, threads), indent=1))
+        return
     batch = training_batch(opts.datadir, 64, opts.seed)
     torch.manual_seed(opts.seed)
     sample_sizes = DistributionNodes(get_dataset_info("qm9", False)["n_nodes"]).sample(100)

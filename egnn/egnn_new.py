@@ -33,7 +33,7 @@ import warnings
 import torch
 from torch import nn
 
-from egnn.dense_ops import gated_sum, linear, masked_sum, pair_differences, pair_preactivation
+from egnn.dense_ops import factorised_pair_preactivation, gated_sum, linear, masked_sum, pair_differences
 from egnn.layout import PairLayout, single_block
 
 
@@ -46,16 +46,10 @@ def factorised_preactivation(layer: nn.Linear, h: torch.Tensor, edge_attr: torch
     """``layer(cat([h_i, h_j, edge_attr_ij]))`` for every pair, without the concatenation.
 
     ``layer.weight`` is (H, 2*nf + ef); its column blocks act on h_i (receiver), h_j (sender)
-    and the edge features. Both per-atom projections come from one GEMM. Returns (n_pairs, H).
+    and the edge features. Both per-atom projections come from one GEMM, and one hand-written
+    backward covers the whole (``dense_ops.factorised_pair_preactivation``). Returns (n_pairs, H).
     """
-    nf = h.shape[-1]
-    weight, bias = layer.weight, layer.bias
-    hidden = weight.shape[0]
-    stacked = torch.cat([weight[:, :nf], weight[:, nf : 2 * nf]], dim=0)  # (2H, nf)
-    stacked_bias = torch.cat([bias, torch.zeros_like(bias)]) if bias is not None else None
-    projections = linear(h, stacked, stacked_bias)  # (n_nodes, 2H)
-    receiver, sender = projections[:, :hidden], projections[:, hidden:]
-    return pair_preactivation(receiver, sender, edge_attr, weight[:, 2 * nf :], layout)
+    return factorised_pair_preactivation(h, layer.weight, layer.bias, edge_attr, layout)
 
 
 IMPLS = ("fast", "reference")

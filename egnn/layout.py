@@ -12,6 +12,7 @@ blocks with less padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 
 import torch
@@ -21,11 +22,13 @@ import torch
 class PairLayout:
     blocks: tuple[tuple[int, int], ...]  # (molecules b, padded atoms m) per block
 
-    @property
+    # Cached: the dense ops call the block views several times per layer (frozen dataclasses
+    # allow it, cached_property writes the instance __dict__ directly).
+    @cached_property
     def node_offsets(self) -> tuple[int, ...]:
         return (0, *accumulate(b * m for b, m in self.blocks))
 
-    @property
+    @cached_property
     def pair_offsets(self) -> tuple[int, ...]:
         return (0, *accumulate(b * m * m for b, m in self.blocks))
 

@@ -212,7 +212,10 @@ class EnLatentDiffusion(EnVariationalDiffusion):
     # ---------------------------------------------------------------- objective
     def compute_latent_loss(self, x, h, node_mask, edge_mask, context):
         """-log p(x, h) per molecule (B,) as GeoLDM computes it, and its terms."""
-        mu_x, _, mu_h, _ = self.vae.encode(x, h, node_mask, edge_mask, context)
+        # "Always keep the encoder fixed": z_0 below is detached, so no gradient ever reaches the
+        # encoder; running it without autograd gives the same values and skips its graph.
+        with torch.no_grad():
+            mu_x, _, mu_h, _ = self.vae.encode(x, h, node_mask, edge_mask, context)
         z_mean = torch.cat([mu_x, mu_h], dim=2)
         bs, n_nodes = x.size(0), x.size(1)
         gamma_0 = self.inflate_batch_array(self.gamma(torch.zeros((bs, 1), device=x.device, dtype=x.dtype)), z_mean)
