@@ -81,7 +81,7 @@ def check_flags_gaga_test(flags: argparse.Namespace) -> None:
     """Every flag on its own, before the run folder is read."""
     check_flags(flags, FLAG_RULES)
     check_plain_name("--test_name", flags.test_name)
-    bench.check_sample_counts(flags.n_samples, flags.batch_size_gen, flags.iteration)
+    flags.batch_size_gen = bench.check_sample_counts(flags.n_samples, flags.batch_size_gen, flags.iteration)
 
 
 def _defaults_from_run(flags: argparse.Namespace, args: argparse.Namespace) -> tuple[int | None, float]:

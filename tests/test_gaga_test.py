@@ -68,6 +68,18 @@ def test_defaults_come_from_the_run_and_xyz_files_are_written(tmp_path):
     assert len(list((run / "GAGA_test_t_xyz").glob("*.xyz"))) == 3
 
 
+def test_fewer_molecules_than_a_batch_are_sampled_in_one_smaller_batch(tmp_path, monkeypatch):
+    run = tiny_run(tmp_path / "tiny")
+    import training.loop
+
+    seen = []
+    real = training.loop.sample_molecules
+    monkeypatch.setattr("training.loop.sample_molecules",
+                        lambda *a, **k: seen.append((a[5], k["batch_size"])) or real(*a, **k))
+    (result,) = run_gaga_test(run, "--n_samples", "3", "--iteration", "1")  # --batch_size_gen's default is 100
+    assert seen[-1] == (3, 3) and {b for _, b in seen} == {3} and result["n_samples"] == 3  # (after a warm-up draw)
+
+
 def test_gaussian_shortcut_with_stride_and_ddim(tmp_path):
     run = tiny_run(tmp_path / "tiny")
     (result,) = run_gaga_test(run, "--GA_timestep", "40", "--sampling_step_size", "4", "--sampler", "ddim",
@@ -79,7 +91,7 @@ def test_gaussian_shortcut_with_stride_and_ddim(tmp_path):
     (["--GA_timestep", "0"], r"--GA_timestep must be an integer >= 1, got 0"),
     (["--GA_timestep", "2000"], r"--GA_timestep must be an integer in \[1, 100\]"),
     (["--GA_timestep", "50", "--sampling_step_size", "3"], "not a multiple of --sampling_step_size 3"),
-    (["--n_samples", "5", "--batch_size_gen", "10"], "smaller than --batch_size_gen"),
+    (["--n_samples", "5", "--batch_size_gen", "0"], "--batch_size_gen must be an integer >= 1"),
 ])
 def test_bad_flags_fail_before_any_sampling(tmp_path, monkeypatch, flags, message):
     run = tiny_run(tmp_path / "tiny")

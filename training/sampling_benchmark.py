@@ -204,10 +204,11 @@ def append_gaga_log(run_dir: Path, t_star: int, line: str) -> Path:
     return path
 
 
-def check_sample_counts(n_samples: int, batch_size: int, iterations: int) -> None:
+def check_sample_counts(n_samples: int, batch_size: int, iterations: int) -> int:
+    """The batch size to sample with: ``batch_size``, or ``n_samples`` when fewer molecules are asked
+    for (a batch larger than the request would only pad it)."""
     if n_samples < 1 or iterations < 1:
         raise UserInputError("--n_samples and --iteration must be at least 1")
     if batch_size < 1:
         raise UserInputError("--batch_size_gen must be at least 1")
-    if n_samples < batch_size:
-        raise UserInputError(f"--n_samples ({n_samples}) is smaller than --batch_size_gen ({batch_size}); lower --batch_size_gen")
+    return min(batch_size, n_samples)
