@@ -126,3 +126,29 @@ def unwritable_reason(folder: str | os.PathLike) -> str | None:
     except OSError as e:
         return f"{folder} is not writable ({e.strerror or type(e).__name__})"
     return None
+
+
+def write_json(path: str | os.PathLike, data: object) -> Path:
+    """``data`` as indented JSON, atomically (the folder is created); for caches read back later."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON cache file's content, or None when it is missing or unreadable (then it is recomputed)."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """A short content hash (sha256, 16 hex digits): keys a cache to the weights it was computed from."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -22,6 +22,7 @@ from training.args import fill_legacy_defaults, parse_args
 from training.checkpoint import RESUME_FILE, load_resume_state
 from training.latent_args import GEOLDM_FLAGS, latent_kind
 from training.run import main
+from test_resume import assert_same  # bit-identical nested states
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,21 +48,6 @@ SMALL = ["--data_subset", "33", "--nf", "16", "--n_layers", "2", "--diffusion_st
 def small(root, datadir, command: str, *extra: str) -> list[str]:
     return [*command.split(), "--output_root", str(root), "--datadir", str(datadir), *SMALL, *extra]
 
-
-def assert_same(a, b, path="state"):
-    """Bit-identical nested states (tensors with torch.equal, everything else with ==)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for k, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{k}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def section(state: dict, prefix: str) -> dict:

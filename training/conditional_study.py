@@ -25,14 +25,13 @@ stopped, also on a fresh machine, with the numbers of an uninterrupted one.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from configs.atomic_io import atomic_write_bytes
+from configs.atomic_io import atomic_write_bytes, file_digest, read_json, write_json
 from configs.errors import RunFolderError, UserInputError
 from training.study import (CLASSIFIER, COMMON_FLAGS, GAGA_DATASET_VAR, GAGA_T_STAR, PRETRAINED_ROOT, REPO, Run,
                             Study, _single_thread_env)
@@ -61,20 +60,7 @@ LABELS = {"naive": "Naive (shuffled labels; upper bound)", "numnodes": "#Atoms",
           GENERATORS[0]: "EDM", GENERATORS[1]: "EDM+GAGA", "qm9_second_half": "QM9 (lower bound)"}
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def _classifier_folders(model_root: Path) -> tuple[Path, Path]:
@@ -105,10 +91,10 @@ def evaluate_generator(run_dir: Path, classifier_dir: Path, iterations: int, bat
     device = torch.device("cpu")
     args = read_run_args(run_dir, datadir=datadir)
     options = run_sampling_options(args, argparse.Namespace(dataset_var=None, sampling_step_size=None, sampler=None))
-    key = {"weights": _digest(run_dir / "generative_model_ema.npy"), "classifier": _digest(classifier_dir / "best_checkpoint.npy"),
+    key = {"weights": file_digest(run_dir / "generative_model_ema.npy"), "classifier": file_digest(classifier_dir / "best_checkpoint.npy"),
            "options": options, "batch_size": batch_size, "seed": seed}
     path = None if cache_dir is None else cache_dir / f"{run_dir.name}.json"
-    cached = None if path is None else _read_json(path)
+    cached = None if path is None else read_json(path)
     done = list(cached["iterations"]) if cached is not None and cached.get("key") == key else []
     if len(done) < iterations:
         classifiers = ce.load_classifiers([str(classifier_dir)], [PROPERTY], args.datadir, device)
@@ -124,7 +110,7 @@ def evaluate_generator(run_dir: Path, classifier_dir: Path, iterations: int, bat
             done.append({"mae": summary["mae"], "molecules": summary["molecules"],
                          "seconds": round(time.time() - start, 1), "threads": torch.get_num_threads()})
             if path is not None:
-                _write_json(path, {"key": key, "iterations": done})
+                write_json(path, {"key": key, "iterations": done})
             print(f"{run_dir.name}: iteration {i + 1}/{iterations}: MAE {summary['mae']:.4f} "
                   f"({done[-1]['seconds']} s)", flush=True)
     from training.conditional_eval import summarise
@@ -149,11 +135,11 @@ def evaluate_dataset_rows(generator_dir: Path, classifier_dir: Path, numnodes_di
     from training.evaluate import read_run_args
 
     args = read_run_args(generator_dir, datadir=datadir)
-    key = {"classifier": _digest(classifier_dir / "best_checkpoint.npy"),
-           "numnodes": _digest(numnodes_dir / "best_checkpoint.npy"), "dataset": args.dataset,
+    key = {"classifier": file_digest(classifier_dir / "best_checkpoint.npy"),
+           "numnodes": file_digest(numnodes_dir / "best_checkpoint.npy"), "dataset": args.dataset,
            "batch_size": batch_size, "seed": seed, "data_subset": data_subset}
     path = None if cache_dir is None else cache_dir / "dataset_rows.json"
-    cached = None if path is None else _read_json(path)
+    cached = None if path is None else read_json(path)
     if cached is not None and cached.get("key") == key:
         return cached["rows"]
     device = torch.device("cpu")
@@ -169,7 +155,7 @@ def evaluate_dataset_rows(generator_dir: Path, classifier_dir: Path, numnodes_di
         "qm9_second_half": ce.evaluate_dataset(arrays, model, PROPERTY, mean, mad, batch_size),
     }
     if path is not None:
-        _write_json(path, {"key": key, "rows": rows})
+        write_json(path, {"key": key, "rows": rows})
     return rows
 
 

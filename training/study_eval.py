@@ -8,7 +8,6 @@ iteration, and rows can run in parallel processes (``jobs``), one thread each, s
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from configs.atomic_io import atomic_write_bytes
+from configs.atomic_io import file_digest, read_json, write_json
 from configs.errors import RunFolderError, UserInputError
 
 from training.study import GAGA_DATASET_VAR, GAGA_T_STAR, RUNS, _single_thread_env
@@ -106,27 +105,12 @@ def partition_rows(rows: Sequence[EvalRow], jobs: int) -> list[list[int]]:
     return sorted((sorted(b) for b in bins if b), key=lambda b: b[0])
 
 
-def weights_digest(run_dir: Path) -> str:
-    from training.checkpoint import EMA_FILE
 
-    return hashlib.sha256((run_dir / EMA_FILE).read_bytes()).hexdigest()[:16]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def cached_iterations(path: Path, key: dict) -> list[dict]:
     """The iterations measured earlier under the same key (weights, budget, seed), else none."""
-    cached = _read_json(path)
+    cached = read_json(path)
     if cached is None or cached.get("key") != key:
         return []
     return list(cached.get("result", {}).get("iterations", []))
@@ -143,25 +127,26 @@ def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iteratio
 
     from equivariant_diffusion.samplers import SamplingOptions
     from training import sampling_benchmark as bench
+    from training.checkpoint import EMA_FILE
     from training.evaluate import evaluate_molecules, load_run, training_smiles
     from training.loop import sample_molecules
 
     device = torch.device("cpu")
     runs = sorted({r.run for r in rows})
     loaded = {run: load_run(model_root / run, device, datadir=datadir) for run in runs}
-    digests = {run: weights_digest(model_root / run) for run in runs}
+    digests = {run: file_digest(model_root / run / EMA_FILE) for run in runs}
     smiles = None
     test_nll = {}
     if nll:
         for run, lr in loaded.items():
             nll_file = None if cache_dir is None else cache_dir / f"test_nll_{run}.json"
-            cached = None if nll_file is None else _read_json(nll_file)
+            cached = None if nll_file is None else read_json(nll_file)
             if cached is not None and cached.get("weights") == digests[run]:
                 test_nll[run] = cached["test_nll"]
             else:
                 test_nll[run] = _test_nll(lr, datadir)
                 if nll_file is not None:
-                    _write_json(nll_file, {"weights": digests[run], "test_nll": test_nll[run]})
+                    write_json(nll_file, {"weights": digests[run], "test_nll": test_nll[run]})
             print(f"{run}: test NLL {test_nll[run]:.3f}", flush=True)
     results = []
     for row in rows:
@@ -184,7 +169,7 @@ def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iteratio
             metrics["threads"] = torch.get_num_threads()  # recorded with the timing it explains
             if path is not None:
                 done.append(dict(metrics))
-                _write_json(path, {"key": key, "label": row.label, "result": {"iterations": done}})
+                write_json(path, {"key": key, "label": row.label, "result": {"iterations": done}})
 
         reused = min(len(done), iterations)
         print(f"{row.label}: {setting.n_steps(T)} steps, {n_samples} molecules x {iterations}"
@@ -194,7 +179,7 @@ def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iteratio
                                    completed=list(done[:iterations]))
         result["run"], result["test_nll"] = row.run, test_nll.get(row.run)
         if path is not None:
-            _write_json(path, {"key": key, "label": row.label, "result": {**result, "iterations": done}})
+            write_json(path, {"key": key, "label": row.label, "result": {**result, "iterations": done}})
         results.append(result)
         print(bench.markdown_table([result], baseline_index=None).splitlines()[2], flush=True)
     if out_stem is not None:
