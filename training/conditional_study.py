@@ -35,6 +35,7 @@ from configs.atomic_io import atomic_write_bytes, file_digest, read_json, write_
 from configs.errors import RunFolderError, UserInputError
 from training.study import (CLASSIFIER, COMMON_FLAGS, GAGA_DATASET_VAR, GAGA_T_STAR, PRETRAINED_ROOT, REPO, Run,
                             Study, _single_thread_env)
+from training.study_eval import wait_for_jobs
 
 PROPERTY = "alpha"
 COND_LIVE_ROOT = Path("outputs/cond_alpha")
@@ -230,15 +231,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         procs = [subprocess.Popen([sys.executable, str(REPO / "equal_budget.py"), "--study", "cond_alpha", "evaluate",
                                    "--generators", g, "--jobs", "1", "--no_report", *common], env=_single_thread_env())
                  for g in generators]
-        try:
-            codes = [p.wait() for p in procs]
-        except KeyboardInterrupt:
-            for p in procs:
-                p.terminate()
-            raise
-        if any(codes):
-            raise RunFolderError(f"evaluation job(s) failed with exit codes {codes}; finished iterations are cached, "
-                                 "rerun the same command to resume")
+        wait_for_jobs(procs)
     if args.no_report:
         evaluate(model_root, args.iterations, args.batch_size, args.seed, cache_dir, None, generators, args.datadir,
                  args.data_subset, dataset_rows=False)

@@ -201,6 +201,12 @@ def evaluate_in_parallel(row_numbers: Sequence[int], rows: Sequence[EvalRow], jo
                 *child_argv]
         print(f"job {len(procs)}: rows {numbers} ({', '.join(rows[i].label for i in group)})", flush=True)
         procs.append(subprocess.Popen(argv, env=_single_thread_env()))
+    wait_for_jobs(procs)
+
+
+def wait_for_jobs(procs: Sequence[subprocess.Popen]) -> None:
+    """Wait for parallel evaluation processes; Ctrl-C stops them all; a failure is a one-line error
+    (their finished iterations are cached, so the same command resumes)."""
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
