@@ -228,6 +228,22 @@ def test_fused_pair_preactivation_and_gated_sum_have_exact_gradients():
     assert torch.autograd.gradcheck(lambda m: masked_sum(m, mask, layout), (m,))
     assert_close(masked_sum(m, mask, layout), torch.cat([(wb * mb).sum(2).reshape(-1, hidden) for mb, wb in zip(
         layout.pair_blocks(m), layout.pair_blocks(mask))]))
+    gate = rand(layout.n_pairs, 1)  # a gate that needs a gradient too (the coordinate update's)
+    assert torch.autograd.gradcheck(lambda m, g: masked_sum(m, g, layout), (m, gate))
+
+
+def test_pair_differences_and_their_gradient():
+    """diff[(b,i,j)] = x_i - x_j per block; one autograd node whose backward is exact."""
+    from egnn.dense_ops import pair_differences
+    from egnn.layout import PairLayout
+
+    layout = PairLayout(((2, 4), (1, 3), (3, 1)))
+    x = torch.randn(layout.n_nodes, 3, dtype=torch.float64, requires_grad=True)
+    expected = torch.cat([(xb.unsqueeze(2) - xb.unsqueeze(1)).reshape(-1, 3) for xb in layout.node_blocks(x)])
+    assert torch.equal(pair_differences(x, layout), expected)
+    assert torch.autograd.gradcheck(lambda x: pair_differences(x, layout), (x,))
+    with torch.no_grad():
+        assert torch.equal(pair_differences(x, layout), expected)
 
 
 def test_fast_linear_matches_torch_linear_with_gradients():
