@@ -53,8 +53,11 @@ def groups_by_size(setting: str | bool, device: torch.device) -> bool:
 
 
 def cpu_chunk_pairs(hidden_nf: int) -> int:
-    """Largest number of atom pairs per grouped network call: edge tensors of ~4 MB (float32)."""
-    return int(2**20 // hidden_nf)
+    """Largest number of atom pairs per grouped network call: edge tensors of ~4 MB (float32),
+    ~8 MB at nf <= 64, where each call's fixed cost (~30 small ops per layer) weighs more than
+    the cache misses (a QM9 batch of 64 then runs in one call instead of two; measured
+    `bench/bench_geoldm.py --configs small`; at nf 256 8 MB was slower)."""
+    return int((2**21 if hidden_nf <= 64 else 2**20) // hidden_nf)
 
 
 def group_overhead_pairs(hidden_nf: int, device: torch.device) -> float:
