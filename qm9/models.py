@@ -33,6 +33,20 @@ def _with_overrides(args: Any, overrides: dict[str, Any]) -> Any:
     return merged
 
 
+def diffusion_kwargs(args: Any) -> dict[str, Any]:
+    """The diffusion process's settings from a run's args (EDM's defaults for missing fields),
+    shared by EDM's and GeoLDM's builders."""
+    return dict(
+        timesteps=getattr(args, "diffusion_steps", 1000),
+        noise_schedule=getattr(args, "diffusion_noise_schedule", "polynomial_2"),
+        noise_precision=getattr(args, "diffusion_noise_precision", 1e-5),
+        loss_type=getattr(args, "diffusion_loss_type", "l2"),
+        norm_values=getattr(args, "normalize_factors", [1, 4, 10]),
+        include_charges=bool(getattr(args, "include_charges", True)),
+        max_t=getattr(args, "max_t", None),
+    )
+
+
 def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloader_train=None, **overrides):
     """(model, nodes_dist, prop_dist) as in EDM; ``overrides`` replace fields of ``args``.
 
@@ -84,14 +98,8 @@ def get_model(args: Any, device: str | torch.device, dataset_info: dict, dataloa
         dynamics=net_dynamics,
         in_node_nf=in_node_nf,
         n_dims=3,
-        timesteps=getattr(args, "diffusion_steps", 1000),
-        noise_schedule=getattr(args, "diffusion_noise_schedule", "polynomial_2"),
-        noise_precision=getattr(args, "diffusion_noise_precision", 1e-5),
-        loss_type=getattr(args, "diffusion_loss_type", "l2"),
-        norm_values=getattr(args, "normalize_factors", [1, 4, 10]),
-        include_charges=include_charges,
-        max_t=getattr(args, "max_t", None),
         zero_center_h=zero_center_h,
+        **diffusion_kwargs(args),
     )
     return vdm.to(device), nodes_dist, prop_dist
 
@@ -170,7 +178,6 @@ def get_latent_diffusion(args: Any, device: str | torch.device, dataset_info: di
         load_generative_model(vae, weights, first_stage_args)
     args.latent_nf = vae.latent_node_nf
 
-    include_charges = bool(getattr(args, "include_charges", True))
     spec = BackboneSpec(
         in_node_nf=vae.latent_node_nf,
         context_node_nf=int(getattr(args, "context_node_nf", 0) or 0),
@@ -185,13 +192,7 @@ def get_latent_diffusion(args: Any, device: str | torch.device, dataset_info: di
         dynamics=dynamics,
         in_node_nf=vae.latent_node_nf,
         n_dims=3,
-        timesteps=getattr(args, "diffusion_steps", 1000),
-        noise_schedule=getattr(args, "diffusion_noise_schedule", "polynomial_2"),
-        noise_precision=getattr(args, "diffusion_noise_precision", 1e-5),
-        loss_type=getattr(args, "diffusion_loss_type", "l2"),
-        norm_values=getattr(args, "normalize_factors", [1, 4, 10]),
-        include_charges=include_charges,
-        max_t=getattr(args, "max_t", None),
+        **diffusion_kwargs(args),
     )
     return model.to(device), nodes_dist, prop_dist
 
