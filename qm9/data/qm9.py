@@ -81,6 +81,13 @@ def _source_description(folder: Path) -> dict:
     return {p: (folder / p).stat().st_size for p in _CSV_PARTS}
 
 
+def _correctly_rounded_floats(pd) -> dict:
+    """read_csv options for the correctly rounded parse (as EDM's Python float()): pandas < 3
+    needs float_precision="round_trip"; pandas 3 deprecates the option, and its default parse
+    gives the same values on every cell of qm9pack (checked with pandas 3.1.1)."""
+    return {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+
+
 def parse_qm9pack(folder: Path | None = None, progress: bool = True) -> dict[str, np.ndarray]:
     """All 130,831 molecules in QM9 index order as padded arrays (positions, charges, num_atoms,
     index) and the properties of ``PROPERTIES`` (float32, EDM's units)."""
@@ -91,10 +98,9 @@ def parse_qm9pack(folder: Path | None = None, progress: bool = True) -> dict[str
     for part in tqdm(_CSV_PARTS, desc="reading qm9pack CSVs", disable=not progress, leave=False):
         path = folder / part
         try:
-            # round_trip: the correctly rounded parse, as EDM's Python float().
             frames.append(pd.read_csv(
                 path, usecols=["Index", "N_atoms", "Elements", "XYZ_Ang"] + [c for c, _, _ in _PROPERTY_COLUMNS.values()],
-                float_precision="round_trip",
+                **_correctly_rounded_floats(pd),
             ))
         except Exception as e:  # noqa: BLE001 - any parse failure means a broken install
             raise DataError(f"cannot read {path} ({e}); reinstall qm9pack with `pip install --force-reinstall qm9pack`.") from None
