@@ -114,6 +114,56 @@ def test_sigterm_saves_the_resume_state_at_the_step_in_flight(tmp_path, qm9_data
         assert_same(torch.load(uninterrupted / name, weights_only=True), torch.load(tmp_path / "run" / name, weights_only=True), name)
 
 
+def test_a_stop_signal_during_validation_stops_at_once_and_the_validation_reruns(tmp_path, qm9_datadir, uninterrupted):
+    """Validation samples for minutes: a stop signal there ends the run at once (a deadline's grace
+    period never waits for it) with the finished epoch's resume state saved; --resume validates
+    that epoch first and continues bit-identically."""
+    import os
+    import signal
+
+    from training.metrics_log import read_records
+    from training.trainer import Trainer
+
+    class SignalInValidationOfEpoch1(Trainer):
+        def validate(self, epoch, train_nll, epoch_seconds):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            super().validate(epoch, train_nll, epoch_seconds)
+
+    summary = main(argv(tmp_path, qm9_datadir, "run", "--checkpoint_every_steps", "0"),
+                   trainer_cls=SignalInValidationOfEpoch1)
+    stopped = load_resume_state(tmp_path / "run")["state"]
+    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == (2, 0, 6)
+    assert stopped["pending_validation"]["epoch"] == 1 and summary["state"]["pending_validation"]["epoch"] == 1
+    assert [r["epoch"] for r in read_records(tmp_path / "run")] == [0]  # epoch 1's validation did not finish
+    main(["--resume", str(tmp_path / "run")])
+    assert [r["epoch"] for r in read_records(tmp_path / "run")] == [0, 1, 2]
+    assert_same(load_resume_state(uninterrupted), load_resume_state(tmp_path / "run"))
+    for name in ("generative_model.npy", "generative_model_ema.npy", "optim.npy"):
+        assert_same(torch.load(uninterrupted / name, weights_only=True), torch.load(tmp_path / "run" / name, weights_only=True), name)
+    straight = {r["epoch"]: r for r in read_records(uninterrupted)}
+    for record in read_records(tmp_path / "run"):  # the rerun validation gives the same numbers
+        assert (record["val_nll"], record["test_nll"], record["stability"]) == (
+            straight[record["epoch"]]["val_nll"], straight[record["epoch"]]["test_nll"], straight[record["epoch"]]["stability"])
+
+
+def test_interrupting_work_raises_at_once_also_for_a_signal_already_received():
+    import os
+    import signal
+
+    from training.signals import StopNow, StopOnSignal
+
+    with StopOnSignal() as stop:
+        with pytest.raises(StopNow):
+            with stop.interrupting():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs between bytecodes
+                    pass
+        with pytest.raises(StopNow):
+            with stop.interrupting():
+                pass  # never reached: the signal came before
+
+
 def test_a_second_stop_signal_stops_at_once():
     import os
     import signal

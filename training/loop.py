@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -52,6 +52,9 @@ class TrainState:
     nan_total: int = 0
     best_nll_val: float = 1e8
     best_nll_test: float = 1e8
+    # {"epoch", "train_nll", "epoch_seconds"} of a finished epoch whose validation has not completed
+    # (a stop during validation); a resumed run validates it first.
+    pending_validation: Optional[dict] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ tests count that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import random
@@ -46,7 +47,7 @@ from training.distributed import DistContext, all_reduce_sum, all_true, barrier,
 from training.ema import EMA
 from training.loop import StopRequested, TrainState, analyze_and_save, test
 from training.metrics_log import append_record
-from training.signals import StopOnSignal
+from training.signals import StopNow, StopOnSignal
 
 Batch = tuple  # (x, h, node_mask, edge_mask, context), see qm9.losses.preprocess_batch
 
@@ -355,6 +356,8 @@ class Trainer:
         try:
             # Not under DDP: every process would have to agree on the step to stop at (a collective per step).
             self.stop_signal = StopOnSignal(enabled=not self.ctx.distributed and args.save_model).__enter__()
+            if state.pending_validation is not None:  # stopped during the last validation: redo it first
+                self._validate_saved_epoch()
             for epoch in range(state.epoch, args.n_epochs):
                 state.epoch = epoch
                 self.loaders["train"].sampler.set_epoch(epoch, start=state.step_in_epoch * batch_size)
@@ -364,8 +367,13 @@ class Trainer:
                 epoch_seconds = time.time() - start
                 self._print_epoch(epoch, train_nll, epoch_seconds)
                 if epoch % args.test_epochs == 0:
-                    self.validate(epoch, train_nll, epoch_seconds)
-                self.checkpoint()
+                    state.pending_validation = {"epoch": epoch, "train_nll": train_nll, "epoch_seconds": epoch_seconds}
+                    self._validate_saved_epoch()
+                else:
+                    self.checkpoint()
+                if self.stop_signal is not None and self.stop_signal.requested:
+                    raise StopRequested(f"stopped by {self.stop_signal.requested} at the end of epoch {epoch}; the "
+                                        f"resume state is saved: continue with --resume {self.run_dir}")
         except StopRequested as e:
             if self.ctx.is_main:
                 print(str(e))
@@ -376,6 +384,22 @@ class Trainer:
             if self.logger is not None:
                 self.logger.finish()
         return self.summary()
+
+    def _validate_saved_epoch(self) -> None:
+        """Validate ``state.pending_validation``'s epoch with the resume state written first, so a stop
+        signal during the minutes of sampling ends the run at once and loses nothing: the validation
+        reruns on --resume from the same RNG state, so the continuation stays bit-identical."""
+        state = self.state
+        pending = state.pending_validation
+        self.checkpoint()
+        try:
+            with self.stop_signal.interrupting() if self.stop_signal is not None else contextlib.nullcontext():
+                self.validate(pending["epoch"], pending["train_nll"], pending["epoch_seconds"])
+        except StopNow as e:
+            raise StopRequested(f"stopped by {e} during the validation of epoch {pending['epoch']}; the resume state "
+                                f"is saved (the validation reruns first): continue with --resume {self.run_dir}") from None
+        state.pending_validation = None
+        self.checkpoint()
 
     def _print_epoch(self, epoch: int, train_nll: float, seconds: float) -> None:
         if not self.ctx.is_main:
