@@ -161,6 +161,7 @@ def test_tiny_gaga_run_trains_samples_and_evaluates(tmp_path, qm9_datadir):
     assert np.isfinite(summary["best_nll_val"]) and np.isfinite(summary["best_nll_test"])
     assert summary["state"]["epoch"] == 2 and summary["state"]["global_step"] == 8
     assert set(summary["stability"]) >= {"mol_stable", "atm_stable", "validity", "uniqueness"}
+    assert "novelty" not in summary["stability"]  # not measured without the training SMILES: no 0.0 stand-in
     # The EMA moved away from the initial weights and lags behind the model.
     assert any(not torch.equal(p, q) for p, q in zip(summary["model"].parameters(), summary["model_ema"].parameters()))
     # EDM's visualisation at the first batch of a test epoch other than the first.

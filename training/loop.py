@@ -273,7 +273,9 @@ def analyze_and_save(
 ) -> dict[str, float] | None:
     """Sample n_samples molecules (shared out over processes) and report EDM's stability metrics.
 
-    Returns {'mol_stable', 'atm_stable', and with RDKit 'validity', 'uniqueness', 'novelty'}.
+    Returns {'mol_stable', 'atm_stable', and with RDKit 'validity', 'uniqueness'}. No novelty: it
+    needs the training set's SMILES, and EDM's 0.0 in its place would read as a measurement
+    (``eval_analyze.py`` measures it).
     """
     from qm9.analyze import analyze_stability_for_molecules
 
@@ -293,8 +295,8 @@ def analyze_and_save(
         validity_dict, rdkit_tuple = analyze_stability_for_molecules(molecules, dataset_info)
         metrics = {k: float(v) for k, v in validity_dict.items()}
         if rdkit_tuple is not None:
-            validity, uniqueness, novelty = rdkit_tuple[0]
-            metrics.update(validity=float(validity), uniqueness=float(uniqueness), novelty=float(novelty))
+            validity, uniqueness, _novelty_not_computed = rdkit_tuple[0]
+            metrics.update(validity=float(validity), uniqueness=float(uniqueness))
         tqdm.write(f"Stability at epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                    + f" ({time.time() - start:.1f} s)")
         if log_fn is not None:
