@@ -51,6 +51,7 @@ from qm9.data.qm9 import load_qm9  # noqa: E402
 from qm9.losses import compute_loss_and_nll, preprocess_batch  # noqa: E402
 from qm9.models import get_latent_diffusion, get_model  # noqa: E402
 from qm9.sampling import masks_from_sizes  # noqa: E402
+from training.args import geoldm_qm9_args  # noqa: E402
 
 CONFIGS = {"paper": dict(nf=256, n_layers=9, latent_nf=1), "small": dict(nf=64, n_layers=4, latent_nf=1)}
 IMPLS = {"ours": ("fast", "auto"), "geoldm": ("reference", "false")}  # (egnn_impl, group_by_size)
@@ -58,14 +59,7 @@ IMPLS = {"ours": ("fast", "auto"), "geoldm": ("reference", "false")}  # (egnn_im
 
 def geoldm_args(nf: int, n_layers: int, latent_nf: int, egnn_impl: str, group_by_size: str) -> argparse.Namespace:
     """GeoLDM's QM9 README run (--train_diffusion --trainable_ae, charges included) at this size."""
-    return argparse.Namespace(
-        model="egnn_dynamics", probabilistic_model="diffusion", nf=nf, n_layers=n_layers, latent_nf=latent_nf,
-        inv_sublayers=1, attention=True, tanh=True, norm_constant=1, sin_embedding=False, condition_time=True,
-        conditioning=[], context_node_nf=0, diffusion_steps=1000, diffusion_noise_schedule="polynomial_2",
-        diffusion_noise_precision=1e-5, diffusion_loss_type="l2", normalize_factors=[1, 4, 10], include_charges=True,
-        normalization_factor=1, aggregation_method="sum", kl_weight=0.01, train_diffusion=True, trainable_ae=True,
-        ae_path=None, ema_decay=0.9999, dataset="qm9", remove_h=False, egnn_impl=egnn_impl, group_by_size=group_by_size,
-    )
+    return geoldm_qm9_args(nf, n_layers, latent_nf, "--egnn_impl", egnn_impl, "--group_by_size", group_by_size)
 
 
 def step_functions(config: str, impl: str, datadir: str, seed: int, edm: bool = False) -> dict:

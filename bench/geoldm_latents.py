@@ -33,18 +33,7 @@ except ImportError:
 from configs.datasets_config import get_dataset_info  # noqa: E402
 from configs.run_args import save_run_args  # noqa: E402
 from qm9.models import get_latent_diffusion  # noqa: E402
-
-
-def geoldm_qm9_args(nf: int, n_layers: int, latent_nf: int, datadir: str) -> argparse.Namespace:
-    """GeoLDM's QM9 README command (main_qm9.py ... --train_diffusion --trainable_ae --latent_nf k)."""
-    return argparse.Namespace(
-        model="egnn_dynamics", probabilistic_model="diffusion", nf=nf, n_layers=n_layers, latent_nf=latent_nf,
-        inv_sublayers=1, attention=True, tanh=True, norm_constant=1, sin_embedding=False, condition_time=True,
-        conditioning=[], context_node_nf=0, diffusion_steps=1000, diffusion_noise_schedule="polynomial_2",
-        diffusion_noise_precision=1e-5, diffusion_loss_type="l2", normalize_factors=[1, 4, 10], include_charges=True,
-        normalization_factor=1, aggregation_method="sum", kl_weight=0.01, train_diffusion=True, trainable_ae=True,
-        ae_path=None, ema_decay=0.9999, dataset="qm9", remove_h=False, datadir=datadir, exp_name="geoldm_init",
-    )
+from training.args import geoldm_qm9_args  # noqa: E402
 
 
 def save_init_run(folder: Path, args: argparse.Namespace, seed: int) -> Path:
@@ -115,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in (int(v) for v in opts.seeds.split(",")):
             start = time.perf_counter()
             name = f"k{k}_seed{seed}"
-            run = save_init_run(out / "runs" / name, geoldm_qm9_args(opts.nf, opts.n_layers, k, opts.datadir), seed)
+            args = geoldm_qm9_args(opts.nf, opts.n_layers, k, "--datadir", opts.datadir, "--exp_name", "geoldm_init")
+            run = save_init_run(out / "runs" / name, args, seed)
             common = ["--model_path", str(run), "--test_name", name, "--n_molecules", str(opts.n_molecules),
                       "--datadir", opts.datadir, "--no_progress"]
             run_cli(Variance_Estimate.main, common + ["--out_dir", str(out / f"variance_{name}")])

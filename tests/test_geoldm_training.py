@@ -66,6 +66,17 @@ def test_geoldm_readme_commands_parse_with_geoldm_semantics(script, command, k):
     assert args.include_charges is (script == "qm9") and args.normalization_factor == 1
 
 
+def test_the_geoldm_args_helper_is_the_readme_command_at_any_size():
+    from training.args import geoldm_qm9_args
+
+    readme = vars(parse_args(QM9_README.split()))
+    assert {**readme, "context_node_nf": 0} == vars(geoldm_qm9_args())  # the README sizes are its defaults
+    small = geoldm_qm9_args(64, 4, 2, "--egnn_impl", "reference")
+    assert (small.nf, small.n_layers, small.latent_nf, small.egnn_impl) == (64, 4, 2, "reference")
+    assert {k: v for k, v in vars(small).items() if k not in ("nf", "n_layers", "latent_nf", "egnn_impl", "context_node_nf")} == {
+        k: v for k, v in readme.items() if k not in ("nf", "n_layers", "latent_nf", "egnn_impl")}
+
+
 @pytest.mark.parametrize("flags, kind, latent_nf, kl_weight", [
     ([], "edm", None, None),
     (["--train_diffusion"], "geoldm", 4, 0.01),  # GeoLDM's defaults

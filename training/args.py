@@ -246,6 +246,22 @@ def explicit_flags(argv: Sequence[str] | None, script: str = "qm9") -> set[str]:
     return set(vars(given))
 
 
+# GeoLDM's QM9 README command (sizes left out: the caller's).
+GEOLDM_QM9_README = ("--n_epochs", "3000", "--n_stability_samples", "1000", "--diffusion_noise_schedule", "polynomial_2",
+                     "--diffusion_noise_precision", "1e-5", "--diffusion_steps", "1000", "--diffusion_loss_type", "l2",
+                     "--batch_size", "64", "--lr", "1e-4", "--normalize_factors", "[1,4,10]", "--test_epochs", "20",
+                     "--ema_decay", "0.9999", "--train_diffusion", "--trainable_ae", "--exp_name", "geoldm_qm9")
+
+
+def geoldm_qm9_args(nf: int = 256, n_layers: int = 9, latent_nf: int = 1, *extra: str) -> argparse.Namespace:
+    """GeoLDM's QM9 README run at this size, resolved exactly as ``main_qm9.py`` resolves it
+    (``extra``: further flags, e.g. ``"--egnn_impl", "reference"``); for benchmarks and studies."""
+    args = parse_args([*GEOLDM_QM9_README, "--nf", str(nf), "--n_layers", str(n_layers), "--latent_nf", str(latent_nf),
+                       *extra])
+    args.context_node_nf = len(args.conditioning or [])  # as Trainer.build sets it
+    return args
+
+
 def default_args(script: str = "qm9") -> argparse.Namespace:
     """Every flag at its default (resolved), e.g. to fill fields legacy args.pickle files lack."""
     return build_parser(script).parse_args([])
