@@ -1,0 +1,45 @@
+"""The budget projection: a power law in (1 - stability) against steps, fitted in log-log."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from training.study_projection import fit_power_law, project
+
+
+def records(steps, gap_of_step):
+    return [{"epoch": 2 * k, "step": s, "stability": {"atm_stable": 1.0 - gap_of_step(s)}} for k, s in enumerate(steps)]
+
+
+def test_an_exact_power_law_is_recovered_and_projected_to_the_step_it_reaches_the_target():
+    steps = [4000, 8000, 12000, 16000, 20000]
+    recs = records(steps, lambda s: 30.0 * s ** -0.5)  # 1 - stab = 30 / sqrt(steps): 0.10 at 90,000 steps
+    log_c, exponent, se = fit_power_law(steps, [r["stability"]["atm_stable"] for r in recs])
+    assert exponent == pytest.approx(0.5) and math.exp(log_c) == pytest.approx(30.0) and se == pytest.approx(0.0, abs=1e-9)
+    p = project(recs, target=0.90)
+    assert p.steps_at_target == pytest.approx(90_000, rel=1e-9)
+    assert p.steps_range == pytest.approx((90_000, 90_000), rel=1e-6)  # no noise, no curvature: no spread
+    assert "90,000 steps (epoch 58)" in p.describe(steps_per_epoch=1563) and "an extrapolation" in p.describe()
+
+
+def test_a_slowing_rate_widens_the_range_towards_later_steps():
+    steps = [4000, 8000, 12000, 16000, 20000]
+    # A floor under the power law bends it in log-log: the last points alone project later, and
+    # all of them sooner than the truth (0.05 + 20 / sqrt(s) = 0.10 at 160,000 steps).
+    recs = records(steps, lambda s: 0.05 + 20.0 / math.sqrt(s))
+    p = project(recs, target=0.90)
+    soonest, latest = p.steps_range
+    assert soonest <= p.steps_at_target < latest == max(p.window_steps) < 160_000
+
+
+def test_too_few_evaluations_or_a_reached_target():
+    assert project(records([1000, 2000], lambda s: 0.5)) is None
+    assert project([{"epoch": 0, "step": 100, "stability": None}] * 4) is None
+    p = project(records([1000, 2000, 3000], lambda s: 0.2 - s * 1e-5 * 4), target=0.8)  # 0.16 -> 0.08 unstable
+    assert p.steps_at_target == 3000 and "already at the target" in p.describe()
+
+
+def test_a_rate_that_does_not_fall_never_reaches_the_target():
+    p = project(records([1000, 2000, 3000, 4000], lambda s: 0.2 + s * 1e-5), target=0.9)
+    assert p.exponent < 0 and math.isinf(p.steps_at_target) and "never" in p.describe()
