@@ -40,9 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 LIVE_ROOT = Path("outputs/equal_budget")
 STATE_ROOT = REPO / "pretrained" / "training_state"
 STATE_FILES = ("args.pickle", "resume_state.pt", "metrics.jsonl", "train_summary.log")
-# Lines of train.log worth keeping in the committed summary (the log itself is mostly progress bars).
 # Issue 15's bar for the EDM run's full chain (molecule stability >= 20% needs more atom stability still).
 ATOM_STABILITY_BAR = 0.90
+# Lines of train.log worth keeping in the committed summary (the log itself is mostly progress bars).
 SUMMARY_MARKERS = ("=== ", "Resuming", "Run folder", "Epoch ", "Val loss", "Best val loss", "Stability at epoch", "stopped")
 
 # The recipe shared by both runs (EDM's QM9 flags with GAGA's README values where they differ:
@@ -378,8 +378,7 @@ def status(runs: Sequence[Union[str, Run]], live_root: Path | None = None, state
                      f"mol stab {stab.get('mol_stable')}")
         projection = project(records, target=ATOM_STABILITY_BAR)
         if projection is not None:
-            per_epoch = last["step"] // (last["epoch"] + 1) if last["epoch"] is not None else None
-            text += "\n    " + projection.describe(per_epoch)
+            text += "\n    " + projection.describe(steps_per_epoch=last["step"] // (last["epoch"] + 1))
         lines.append(text)
     return lines
 
