@@ -105,9 +105,6 @@ def partition_rows(rows: Sequence[EvalRow], jobs: int) -> list[list[int]]:
     return sorted((sorted(b) for b in bins if b), key=lambda b: b[0])
 
 
-
-
-
 def cached_iterations(path: Path, key: dict) -> list[dict]:
     """The iterations measured earlier under the same key (weights, budget, seed), else none."""
     cached = read_json(path)
