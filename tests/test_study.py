@@ -53,6 +53,20 @@ def test_curves_plot_both_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_status_projects_each_run_and_compares_the_two_at_equal_steps(tmp_path):
+    state = tmp_path / "state"  # no resume state anywhere: status reads the committed metrics
+    for run, offset in (("qm9_edm_small", 0.0), ("qm9_gaga_small", 0.05)):
+        for epoch in range(4):
+            (state / run).mkdir(parents=True, exist_ok=True)
+            append_record(state / run, {"epoch": 2 * epoch, "step": 1000 * (epoch + 1), "val_nll": 1.0,
+                                        "stability": {"atm_stable": 0.6 + offset + 0.05 * epoch, "mol_stable": 0.0}})
+    lines = study.status(study.QM9_RUNS, tmp_path / "live", state)
+    assert lines[0].startswith("qm9_edm_small: not started; epoch 6") and "90% projected at" in lines[0]
+    assert lines[2] == ("qm9_gaga_small vs qm9_edm_small at equal steps (4 common evaluations): atm_stable higher at 4, "
+                        "by +5.0 to +5.0 points (latest +5.0 at step 4,000); qm9_gaga_small first reached "
+                        "qm9_edm_small's latest 75.0% at step 3,000, 0.75x of qm9_edm_small's 4,000")
+
+
 def test_candidate_parsing_rejects_unknown_flags():
     assert study.parse_candidate("nf=96,n_layers=6") == {"nf": "96", "n_layers": "6"}
     with pytest.raises(ValueError, match="key=value"):

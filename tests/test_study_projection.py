@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from training.study_projection import fit_power_law, project
+from training.study_projection import compare_at_equal_steps, fit_power_law, project
 
 
 def records(steps, gap_of_step):
@@ -43,3 +43,17 @@ def test_too_few_evaluations_or_a_reached_target():
 def test_a_rate_that_does_not_fall_never_reaches_the_target():
     p = project(records([1000, 2000, 3000, 4000], lambda s: 0.2 + s * 1e-5), target=0.9)
     assert p.exponent < 0 and math.isinf(p.steps_at_target) and "never" in p.describe()
+
+
+def test_two_runs_are_compared_at_the_steps_both_evaluated():
+    a = records([1000, 2000, 3000, 4000], lambda s: 0.5 - s * 5e-5)  # 0.55, 0.60, 0.65, 0.70 stable
+    b = records([1000, 2000, 3000], lambda s: 0.4 - s * 5e-5)  # 0.65, 0.70, 0.75: ahead by 0.10, earlier at 0.70
+    c = compare_at_equal_steps(a, b)
+    assert [s for s, _ in c.gaps] == [1000, 2000, 3000] and [g for _, g in c.gaps] == pytest.approx([0.10] * 3)
+    assert (c.a_last_step, c.b_steps_to_a_last) == (4000, 2000) and c.a_last_value == pytest.approx(0.70)
+    text = c.describe("EDM", "GAGA")
+    assert "higher at 3" in text and "by +10.0 to +10.0 points" in text and "at step 2,000, 0.50x of EDM's 4,000" in text
+    behind = compare_at_equal_steps(b, a)  # a never reaches b's latest 0.75 within its evaluations
+    assert behind.b_steps_to_a_last is None and "higher at 0" in behind.describe("GAGA", "EDM")
+    assert compare_at_equal_steps([], b) is None
+    assert "no evaluation at a common step" in compare_at_equal_steps(a, records([1500], lambda s: 0.3)).describe("x", "y")

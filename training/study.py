@@ -34,7 +34,7 @@ from typing import Callable, Sequence, Union
 
 from configs.atomic_io import atomic_write_bytes
 from configs.errors import RunFolderError, UserInputError
-from training.study_projection import project, stability_points
+from training.study_projection import compare_at_equal_steps, project, stability_points
 
 REPO = Path(__file__).resolve().parents[1]
 LIVE_ROOT = Path("outputs/equal_budget")
@@ -359,6 +359,7 @@ def status(runs: Sequence[Union[str, Run]], live_root: Path | None = None, state
     from training.metrics_log import read_records
 
     lines = []
+    generators: list[tuple[str, list[dict]]] = []
     for run in map(find_run, runs):
         folder = _folder(run, live_root, state_root)
         progress = run_progress(folder)
@@ -370,6 +371,7 @@ def status(runs: Sequence[Union[str, Run]], live_root: Path | None = None, state
                              f"{progress['best_val']:.4f} at epoch {progress['best_epoch']} (test MAE {progress['best_test']:.4f})")
             continue
         records = read_records(folder)
+        generators.append((run.name, records))
         last = records[-1] if records else None
         text = f"{run.name}: {progress or 'not started'}"
         if last:
@@ -380,6 +382,11 @@ def status(runs: Sequence[Union[str, Run]], live_root: Path | None = None, state
         if projection is not None:
             text += "\n    " + projection.describe(steps_per_epoch=last["step"] // (last["epoch"] + 1))
         lines.append(text)
+    if len(generators) == 2:  # a study's baseline and its GAGA twin
+        (a, records_a), (b, records_b) = generators
+        comparison = compare_at_equal_steps(records_a, records_b)
+        if comparison is not None:
+            lines.append(comparison.describe(a, b))
     return lines
 
 

@@ -114,3 +114,40 @@ def project(records: Sequence[dict[str, Any]], key: str = "atm_stable", target: 
     return Projection(key=key, target=target, exponent=exponent, exponent_se=se, log_c=log_c, points=len(points),
                       first_step=steps[0], last_step=steps[-1], last_value=values[-1],
                       window_steps=tuple(p.steps_at_target for p in shorter if p is not None))
+
+
+@dataclass(frozen=True)
+class EqualSteps:
+    """Run B against run A at the steps where both were evaluated, and how many steps B needed to
+    reach A's latest value (the "trains faster" claim in one line)."""
+
+    key: str
+    gaps: tuple[tuple[int, float], ...]  # (step, value_b - value_a) at every common step
+    a_last_step: int
+    a_last_value: float
+    b_steps_to_a_last: int | None  # B's first evaluation step at or above A's latest value
+
+    def describe(self, a: str, b: str) -> str:
+        if not self.gaps:
+            return f"{b} vs {a}: no evaluation at a common step yet"
+        values = [g for _, g in self.gaps]
+        ahead = sum(g > 0 for g in values)
+        text = (f"{b} vs {a} at equal steps ({len(values)} common evaluations): {self.key} higher at {ahead}, "
+                f"by {100 * min(values):+.1f} to {100 * max(values):+.1f} points (latest {100 * values[-1]:+.1f} at step "
+                f"{self.gaps[-1][0]:,})")
+        if self.b_steps_to_a_last is not None:
+            text += (f"; {b} first reached {a}'s latest {self.a_last_value:.1%} at step {self.b_steps_to_a_last:,}, "
+                     f"{self.b_steps_to_a_last / self.a_last_step:.2f}x of {a}'s {self.a_last_step:,}")
+        return text
+
+
+def compare_at_equal_steps(records_a: Sequence[dict[str, Any]], records_b: Sequence[dict[str, Any]],
+                           key: str = "atm_stable") -> EqualSteps | None:
+    """B - A at every step both runs evaluated; None when run A has no evaluation."""
+    a, b = dict(stability_points(records_a, key)), dict(stability_points(records_b, key))
+    if not a:
+        return None
+    last_step = max(a)
+    reached = [s for s in sorted(b) if b[s] >= a[last_step]]
+    return EqualSteps(key=key, gaps=tuple((s, b[s] - a[s]) for s in sorted(set(a) & set(b))), a_last_step=last_step,
+                      a_last_value=a[last_step], b_steps_to_a_last=reached[0] if reached else None)
