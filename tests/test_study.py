@@ -127,6 +127,11 @@ def test_rows_are_split_into_jobs_of_about_equal_sampling_cost():
     loads = [sum(costs[i] for i in g) for g in groups]
     assert max(loads) - min(loads) <= 50  # 1,725 vs 1,700 network evaluations per molecule
     assert study_eval.partition_rows(rows[:1], 4) == [[0]]
+    # Balanced on the work left: with EDM+GAGA's rows (5-8) cached, EDM's four rows split 1,050 / 1,050.
+    left = costs[:4] + [0] * 4
+    groups = study_eval.partition_rows(rows, 2, left)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3] and [sum(left[i] for i in g) for g in groups] == [1050, 1050]
+    assert study_eval.partition_rows(rows, 2, [0] * 8) == []  # nothing left: no job
     with pytest.raises(ValueError, match="between 1 and 8"):
         study_eval.select_rows(rows, "0,9")
     assert [r.label for r in study_eval.select_rows(rows, "3,8")] == [rows[2].label, rows[7].label]
@@ -164,8 +169,10 @@ def test_a_stopped_evaluation_resumes_at_the_next_iteration(tmp_path, qm9_datadi
     real = loop.sample_molecules
     monkeypatch.setattr(loop, "sample_molecules", lambda *a, **k: calls.append(1) or real(*a, **k))
     kwargs = dict(n_samples=3, batch_size=3, nll=False, datadir=str(qm9_datadir), novelty=False, cache_dir=cache)
+    left = lambda iterations: study_eval.remaining_costs(row, model_root, 3, iterations, 3, cache, novelty=False)
+    assert left(2) == [100]  # 50 network evaluations per molecule x 2 iterations
     first = study_eval.evaluate(row, model_root, iterations=1, **kwargs)[0]
-    assert len(calls) == 1
+    assert len(calls) == 1 and left(2) == [50] and left(1) == [0]
     both = study_eval.evaluate(row, model_root, iterations=2, **kwargs)[0]
     assert len(calls) == 2  # only the second iteration was sampled
     fresh = study_eval.evaluate(row, model_root, iterations=2, **{**kwargs, "cache_dir": tmp_path / "other"})[0]

@@ -699,9 +699,11 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir)
     if args.jobs > 1:
         numbers = [all_rows.index(r) + 1 for r in rows]
+        costs = study_eval.remaining_costs(rows, Path(args.model_root), args.n_samples, args.iterations, args.batch_size,
+                                           cache_dir)
         study_eval.evaluate_in_parallel(numbers, rows, args.jobs, [
             "--n_samples", str(args.n_samples), "--iterations", str(args.iterations), "--batch_size", str(args.batch_size),
-            "--model_root", args.model_root, "--cache_dir", str(cache_dir)], REPO / "equal_budget.py")
+            "--model_root", args.model_root, "--cache_dir", str(cache_dir)], REPO / "equal_budget.py", costs)
     results = study_eval.evaluate(rows, Path(args.model_root), args.n_samples, args.iterations, args.batch_size,
                                   out_stem=None if args.no_report else Path(args.out), nll=not args.no_nll,
                                   cache_dir=cache_dir)

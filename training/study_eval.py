@@ -73,13 +73,15 @@ def row_cost(row: EvalRow, T: int = 1000) -> int:
     return -(-start // row.options["step_size"])
 
 
-def partition_rows(rows: Sequence[EvalRow], jobs: int) -> list[list[int]]:
+def partition_rows(rows: Sequence[EvalRow], jobs: int, costs: Sequence[int] | None = None) -> list[list[int]]:
     """Row indices (0-based) split into ``jobs`` groups of about equal cost: longest first into the
     lightest group, then single moves and swaps between the heaviest group and another while they
-    lower the heaviest load (8 rows: this finds the best split)."""
-    costs = [row_cost(r) for r in rows]
-    bins: list[list[int]] = [[] for _ in range(max(1, min(jobs, len(rows))))]
-    for i in sorted(range(len(rows)), key=lambda i: -costs[i]):
+    lower the heaviest load (8 rows: this finds the best split). ``costs`` default to
+    ``row_cost``; rows of cost 0 (nothing left to sample) are left out."""
+    costs = [row_cost(r) for r in rows] if costs is None else list(costs)
+    todo = [i for i in range(len(rows)) if costs[i] > 0]
+    bins: list[list[int]] = [[] for _ in range(max(1, min(jobs, len(todo))))]
+    for i in sorted(todo, key=lambda i: -costs[i]):
         min(bins, key=lambda b: sum(costs[j] for j in b)).append(i)
     load = lambda b: sum(costs[j] for j in b)
     improved = True
@@ -103,6 +105,24 @@ def partition_rows(rows: Sequence[EvalRow], jobs: int) -> list[list[int]]:
                 improved = True
                 break
     return sorted((sorted(b) for b in bins if b), key=lambda b: b[0])
+
+
+def row_key(row: EvalRow, weights_digest: str, n_samples: int, batch_size: int, seed: int, novelty: bool) -> dict:
+    """What a cached iteration was measured under: a change in any of it measures the row again."""
+    return {"weights": weights_digest, "options": row.options, "n_samples": n_samples, "batch_size": batch_size,
+            "seed": seed, "novelty": novelty}
+
+
+def remaining_costs(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iterations: int, batch_size: int,
+                    cache_dir: Path, seed: int = 0, novelty: bool = True) -> list[int]:
+    """Network evaluations per molecule still to run for each row (its cost x iterations not cached),
+    so parallel jobs are balanced on the work left, e.g. after one model's rows ran alone."""
+    from training.checkpoint import EMA_FILE
+
+    digests = {run: file_digest(model_root / run / EMA_FILE) for run in sorted({r.run for r in rows})}
+    return [row_cost(row) * max(0, iterations - len(cached_iterations(
+        cache_dir / f"{row.slug}.json", row_key(row, digests[row.run], n_samples, batch_size, seed, novelty))))
+        for row in rows]
 
 
 def cached_iterations(path: Path, key: dict) -> list[dict]:
@@ -151,8 +171,7 @@ def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iteratio
         T = int(lr.args.diffusion_steps)
         opts = SamplingOptions(**row.options).validated(T)
         setting = bench.SamplingSetting(row.label, opts.start_step, opts.step_size, opts.sampler, opts.dataset_var)
-        key = {"weights": digests[row.run], "options": row.options, "n_samples": n_samples, "batch_size": batch_size,
-               "seed": seed, "novelty": novelty}
+        key = row_key(row, digests[row.run], n_samples, batch_size, seed, novelty)
         path = None if cache_dir is None else cache_dir / f"{row.slug}.json"
         done = [] if path is None else cached_iterations(path, key)
         if len(done) < iterations and novelty and smiles is None:
@@ -187,10 +206,11 @@ def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iteratio
 
 
 def evaluate_in_parallel(row_numbers: Sequence[int], rows: Sequence[EvalRow], jobs: int, child_argv: Sequence[str],
-                         script: Path) -> None:
+                         script: Path, costs: Sequence[int] | None = None) -> None:
     """Run the rows' sampling in ``jobs`` child processes of ``script evaluate`` (one thread each),
-    filling the shared cache; the caller then assembles the table from it."""
-    groups = partition_rows(rows, jobs)
+    filling the shared cache; the caller then assembles the table from it. ``costs``: the work
+    left per row (``remaining_costs``); rows with none get no job."""
+    groups = partition_rows(rows, jobs, costs)
     procs = []
     for group in groups:
         numbers = ",".join(str(row_numbers[i]) for i in group)
