@@ -48,6 +48,12 @@ def test_shipped_runs_load_strictly_with_their_gaga_switches(run):
     assert not loaded.model.training
 
 
+def test_the_two_study_models_ship_at_the_same_budget():
+    from training.study_eval import check_same_budget
+
+    assert check_same_budget(PRETRAINED, sorted(SHIPPED)) >= 1
+
+
 @pytest.mark.parametrize("run", sorted(SHIPPED))
 def test_shipped_models_make_molecules_an_untrained_network_does_not(run):
     loaded = load_run(PRETRAINED / run, torch.device("cpu"))

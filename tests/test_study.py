@@ -218,6 +218,23 @@ def test_evaluate_command_runs_rows_in_parallel_jobs(tmp_path, qm9_datadir, monk
     assert "| EDM DPM-Solver++(2M) 50 steps | qm9_edm_small |" in table and "1 thread(s)" in table
 
 
+def test_models_shipped_at_different_epochs_are_not_evaluated_together(tmp_path, qm9_datadir):
+    from configs.run_args import load_run_args, save_run_args
+
+    model_root = tmp_path / "pretrained"
+    for name, epoch in (("qm9_edm_small", 30), ("qm9_gaga_small", 60)):
+        folder = _tiny_shipped_model(model_root, qm9_datadir, name)
+        args = load_run_args(folder)
+        args.current_epoch = epoch
+        save_run_args(folder, args)
+    argv = ["evaluate", "--n_samples", "2", "--iterations", "1", "--model_root", str(model_root),
+            "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "results"), "--no_nll"]
+    with pytest.raises(ValueError, match=r"qm9_edm_small at epoch 30, qm9_gaga_small at epoch 60\); ship them at the same epoch"):
+        study.main(argv + ["--rows", "1,5"])
+    assert not (tmp_path / "cache").exists()  # refused before sampling anything
+    assert study_eval.check_same_budget(model_root, ["qm9_gaga_small"]) == 60  # one model's rows alone are fine
+
+
 def test_ship_takes_an_epochs_weights_from_its_per_epoch_copy(tmp_path, qm9_datadir):
     """A run past the budget's epoch ships the EMA copy that epoch's validation left behind, and
     refuses an epoch it has neither a resume state nor a copy of."""

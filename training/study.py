@@ -696,6 +696,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     missing = [r for r in sorted({row.run for row in rows}) if not (Path(args.model_root) / r / "args.pickle").is_file()]
     if missing:
         raise RunFolderError(f"no shipped model for {missing} under {args.model_root}; run `python equal_budget.py ship --epochs N` first")
+    study_eval.check_same_budget(Path(args.model_root), sorted({row.run for row in rows}))
     cache_dir = Path(args.cache_dir)
     if args.jobs > 1:
         numbers = [all_rows.index(r) + 1 for r in rows]

@@ -107,6 +107,19 @@ def partition_rows(rows: Sequence[EvalRow], jobs: int, costs: Sequence[int] | No
     return sorted((sorted(b) for b in bins if b), key=lambda b: b[0])
 
 
+def check_same_budget(model_root: Path, runs: Sequence[str]) -> int | None:
+    """The epoch all ``runs`` were shipped at; a one-line error when they differ (a table that
+    compares models trained for different budgets would be silently wrong)."""
+    from configs.run_args import load_run_args
+
+    epochs = {run: getattr(load_run_args(model_root / run), "current_epoch", None) for run in runs}
+    if len(set(epochs.values())) > 1:
+        shipped = ", ".join(f"{run} at epoch {epoch}" for run, epoch in epochs.items())
+        raise RunFolderError(f"the shipped models differ in budget ({shipped}); ship them at the same epoch "
+                             f"(python equal_budget.py ship --epochs N) before evaluating them together")
+    return next(iter(epochs.values()), None)
+
+
 def row_key(row: EvalRow, weights_digest: str, n_samples: int, batch_size: int, seed: int, novelty: bool) -> dict:
     """What a cached iteration was measured under: a change in any of it measures the row again."""
     return {"weights": weights_digest, "options": row.options, "n_samples": n_samples, "batch_size": batch_size,
