@@ -57,3 +57,8 @@ def test_two_runs_are_compared_at_the_steps_both_evaluated():
     assert behind.b_steps_to_a_last is None and "higher at 0" in behind.describe("GAGA", "EDM")
     assert compare_at_equal_steps([], b) is None
     assert "no evaluation at a common step" in compare_at_equal_steps(a, records([1500], lambda s: 0.3)).describe("x", "y")
+
+
+def test_a_near_flat_fit_reports_its_far_end_as_beyond_a_hundred_times_the_steps_so_far():
+    p = project(records([1000, 2000, 3000, 4000], lambda s: 0.2 * (s / 1000) ** -0.01), target=0.9)
+    assert p.steps_at_target > 100 * 4000 and "beyond 400,000 steps (100x the steps so far)" in p.describe()

@@ -61,6 +61,8 @@ class Projection:
         def fmt(steps: float) -> str:
             if not math.isfinite(steps):
                 return "never (the fitted rate does not fall)"
+            if steps > 100 * self.last_step:  # a near-flat fit: its far end is not a number to plan with
+                return f"beyond {100 * self.last_step:,} steps (100x the steps so far)"
             text = f"{steps:,.0f} steps"
             return text + (f" (epoch {steps / steps_per_epoch:.0f})" if steps_per_epoch else "")
 
