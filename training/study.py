@@ -693,10 +693,11 @@ def _evaluate_command(args: argparse.Namespace) -> int:
         raise UserInputError("--n_samples, --iterations, --batch_size and --jobs must be >= 1")
     all_rows = study_eval.evaluation_rows()
     rows = study_eval.select_rows(all_rows, args.rows)
-    missing = [r for r in sorted({row.run for row in rows}) if not (Path(args.model_root) / r / "args.pickle").is_file()]
+    runs = sorted({row.run for row in rows})
+    missing = [r for r in runs if not (Path(args.model_root) / r / "args.pickle").is_file()]
     if missing:
         raise RunFolderError(f"no shipped model for {missing} under {args.model_root}; run `python equal_budget.py ship --epochs N` first")
-    study_eval.check_same_budget(Path(args.model_root), sorted({row.run for row in rows}))
+    study_eval.check_same_budget(Path(args.model_root), runs)
     cache_dir = Path(args.cache_dir)
     if args.jobs > 1:
         numbers = [all_rows.index(r) + 1 for r in rows]

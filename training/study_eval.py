@@ -126,13 +126,18 @@ def row_key(row: EvalRow, weights_digest: str, n_samples: int, batch_size: int, 
             "seed": seed, "novelty": novelty}
 
 
+def weight_digests(model_root: Path, rows: Sequence[EvalRow]) -> dict[str, str]:
+    """run -> hash of its shipped EMA weights, for the runs the rows sample (part of every cache key)."""
+    from training.checkpoint import EMA_FILE
+
+    return {run: file_digest(model_root / run / EMA_FILE) for run in sorted({r.run for r in rows})}
+
+
 def remaining_costs(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iterations: int, batch_size: int,
                     cache_dir: Path, seed: int = 0, novelty: bool = True) -> list[int]:
     """Network evaluations per molecule still to run for each row (its cost x iterations not cached),
     so parallel jobs are balanced on the work left, e.g. after one model's rows ran alone."""
-    from training.checkpoint import EMA_FILE
-
-    digests = {run: file_digest(model_root / run / EMA_FILE) for run in sorted({r.run for r in rows})}
+    digests = weight_digests(model_root, rows)
     return [row_cost(row) * max(0, iterations - len(cached_iterations(
         cache_dir / f"{row.slug}.json", row_key(row, digests[row.run], n_samples, batch_size, seed, novelty))))
         for row in rows]
@@ -157,14 +162,13 @@ def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iteratio
 
     from equivariant_diffusion.samplers import SamplingOptions
     from training import sampling_benchmark as bench
-    from training.checkpoint import EMA_FILE
     from training.evaluate import evaluate_molecules, load_run, training_smiles
     from training.loop import sample_molecules
 
     device = torch.device("cpu")
     runs = sorted({r.run for r in rows})
     loaded = {run: load_run(model_root / run, device, datadir=datadir) for run in runs}
-    digests = {run: file_digest(model_root / run / EMA_FILE) for run in runs}
+    digests = weight_digests(model_root, rows)
     smiles = None
     test_nll = {}
     if nll:
