@@ -14,6 +14,8 @@ Flags beyond EDM's:
 * ``--data_subset N``: use only the first N molecules of each split (quick runs, tests).
 * ``--checkpoint_every_steps K``: also write the resume state every K training steps.
 * ``--nan_patience P``: stop after P consecutive batches with a non-finite loss or gradient.
+* ``--lr_schedule 70:1e-4``: piecewise-constant lr by epoch (``training.lr_schedule``); may be
+  added on ``--resume`` where it leaves the epochs already trained unchanged.
 * ``--wandb``: turn on Weights & Biases logging (off by default; ``--no_wandb=False`` too).
 * Devices (``egnn.device_policy``): ``--group_by_size auto|true|false`` (size-grouped network
   calls; auto = on the CPU only), ``--compile`` (torch.compile the network on the padded
@@ -36,6 +38,7 @@ from egnn.registry import backbone_names
 from equivariant_diffusion.samplers import sampler_names
 from training.compat import warn_no_op_flags
 from training.latent_args import add_latent_flags, resolve_latent_args
+from training.lr_schedule import canonical as canonical_lr_schedule
 from egnn.device_policy import group_by_size_choice
 
 SCRIPTS = FAMILIES  # a dataset's family (configs/datasets.py) names the script whose defaults it takes
@@ -99,6 +102,8 @@ def build_parser(script: str = "qm9") -> argparse.ArgumentParser:
     a("--n_epochs", type=int, default=d["n_epochs"])
     a("--batch_size", type=int, default=d["batch_size"], help="global batch size (split over GPUs/processes)")
     a("--lr", type=float, default=d["lr"])
+    a("--lr_schedule", type=str, default=None,
+      help="piecewise-constant lr by epoch: epoch:lr pairs, e.g. 70:1e-4 (lr 1e-4 from epoch 70 on; --lr before)")
     a("--brute_force", type=str2bool, default=False, help="accepted for EDM compatibility; unused")
     a("--actnorm", type=str2bool, default=True, help="accepted for EDM compatibility; unused")
     a("--break_train_epoch", type=str2bool, default=False, help="stop each epoch after one batch (debugging)")
@@ -217,6 +222,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if args.data_subset is not None and args.data_subset < 1:
         raise UserInputError(f"--data_subset must be >= 1, got {args.data_subset}")
+    args.lr_schedule = canonical_lr_schedule(args.lr_schedule)
     check_conditioning_flags(args)
     if args.probabilistic_model != "diffusion":
         raise UserInputError(f"--probabilistic_model {args.probabilistic_model!r} is not supported; use diffusion")

@@ -21,6 +21,7 @@ from training.args import explicit_flags, fill_legacy_defaults, parse_args
 from training.args_check import check_buildable, check_run_sizes
 from training.distributed import DistContext, cleanup, setup
 from training.latent_training import trainer_class
+from training.lr_schedule import check_resume_change
 from training.trainer import Trainer, seed_everything
 
 __all__ = ["RESUME_OVERRIDABLE", "RUN_FILES", "Trainer", "check_new_run_folder", "main", "resume_args",
@@ -40,7 +41,8 @@ RUN_FILES = (ARGS_FILE, ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.OPTIM_FILE, ckpt.RE
 def resume_args(args: argparse.Namespace, argv: Sequence[str], script: str) -> tuple[argparse.Namespace, Path]:
     """The run's stored args, with the command line's overridable flags applied; its folder.
 
-    A flag that would change the model or the data (e.g. --nf) is refused with one line.
+    A flag that would change the model or the data (e.g. --nf) is refused with one line, and so
+    is an --lr_schedule that would change the lr of an epoch the run has already begun.
     """
     run_dir = ckpt.resolve_resume_dir(args.resume)
     try:
@@ -53,6 +55,9 @@ def resume_args(args: argparse.Namespace, argv: Sequence[str], script: str) -> t
         new = getattr(args, key)
         if key in RESUME_OVERRIDABLE:
             setattr(stored, key, new)
+        elif key == "lr_schedule" and new != getattr(stored, key, None):  # only the epochs not yet trained
+            check_resume_change(stored.lr, stored.lr_schedule, new, epochs_started(run_dir, stored))
+            stored.lr_schedule = new
         elif getattr(stored, key, None) != new:
             raise UserInputError(
                 f"--{key} cannot change when resuming (the run has {getattr(stored, key, None)!r}, you passed {new!r}); "
@@ -61,6 +66,15 @@ def resume_args(args: argparse.Namespace, argv: Sequence[str], script: str) -> t
     stored.resume = str(run_dir)
     stored.stop_after_steps = args.stop_after_steps  # a test hook never carries over into the continuation
     return stored, run_dir
+
+
+def epochs_started(run_dir: Path, args: argparse.Namespace) -> int:
+    """How many epochs of the run have begun (a partly trained epoch counts)."""
+    saved = ckpt.load_resume_state(run_dir, map_location="cpu")
+    if saved is None:  # an EDM/GAGA run folder: its best model's epoch
+        return int(getattr(args, "current_epoch", 0) or 0)
+    state = saved.get("state", {})
+    return int(state.get("epoch", 0)) + (1 if state.get("step_in_epoch", 0) else 0)
 
 
 def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, resuming: bool,

@@ -11,9 +11,11 @@ guard, EMA, clipping, checkpoints, metrics.jsonl) as they are.
 * **A new t-schedule**: set ``self.diffusion.train_t_sampler = fn`` in ``__init__``, where
   ``fn(n, max_t, device)`` returns the (n, 1) integer steps in {0..max_t} of a training batch
   (default None: EDM's uniform draw). Evaluation keeps the uniform draw its NLL estimator needs.
-* **A learning-rate or other schedule**: override ``build_optimizer``, or ``after_step`` (called
-  after every optimiser step that was taken); derive it from ``self.state.global_step`` so that a
-  resumed run continues it exactly (only the state, model, EMA, optimiser, queue and RNG are saved).
+* **A learning-rate or other schedule**: a piecewise-constant lr by epoch is the ``--lr_schedule``
+  flag (``apply_lr_schedule``, at the start of every epoch). Anything else: override
+  ``build_optimizer``, or ``after_step`` (called after every optimiser step that was taken); derive
+  it from ``self.state.global_step`` so that a resumed run continues it exactly (only the state,
+  model, EMA, optimiser, queue and RNG are saved).
 
 Then train with ``training.run.main(argv, trainer_cls=MyTrainer)`` (or ``train(..., trainer_cls=)``).
 ``tests/test_trainer.py`` trains subclasses with a modified loss and t-schedule. Keep a loss free of ``.item()``
@@ -46,6 +48,7 @@ from training.data import build_loaders, per_process_batch_size
 from training.distributed import DistContext, all_reduce_sum, all_true, barrier, gather_objects, wrap_model
 from training.ema import EMA
 from training.loop import StopRequested, TrainState, analyze_and_save, test
+from training.lr_schedule import lr_at_epoch
 from training.metrics_log import append_record
 from training.signals import StopNow, StopOnSignal
 
@@ -118,6 +121,21 @@ class Trainer:
     def build_optimizer(self) -> torch.optim.Optimizer:
         """EDM's get_optim: AdamW with amsgrad and a negligible weight decay."""
         return torch.optim.AdamW(self.model.parameters(), lr=self.args.lr, amsgrad=True, weight_decay=1e-12)
+
+    def apply_lr_schedule(self, epoch: int) -> None:
+        """Set every parameter group's lr to ``--lr_schedule``'s value for ``epoch`` (no schedule: leave it).
+
+        Called at the start of every epoch (a resumed one too), so the lr a restored optimiser state
+        carries is replaced by the schedule's; a plain float, no device work.
+        """
+        schedule = getattr(self.args, "lr_schedule", None)
+        if not schedule:
+            return
+        lr = lr_at_epoch(self.args.lr, schedule, epoch)
+        if any(group["lr"] != lr for group in self.optim.param_groups) and self.ctx.is_main:
+            print(f"Epoch {epoch}: learning rate {lr:g} (--lr_schedule {schedule})")
+        for group in self.optim.param_groups:
+            group["lr"] = lr
 
     def restore(self, resuming: bool) -> None:
         """Continue from the run folder's resume state (or an EDM run's best-model files)."""
@@ -327,6 +345,7 @@ class Trainer:
         if ctx.is_main and args.save_model:
             append_record(self.run_dir, {
                 "epoch": epoch, "step": state.global_step, "epoch_seconds": round(epoch_seconds, 1),
+                "lr": self.optim.param_groups[0]["lr"],
                 "train_nll": train_nll, "val_nll": self.nll_val, "test_nll": self.nll_test, "stability": self.stability,
             })
 
@@ -360,6 +379,7 @@ class Trainer:
                 self._validate_saved_epoch()
             for epoch in range(state.epoch, args.n_epochs):
                 state.epoch = epoch
+                self.apply_lr_schedule(epoch)
                 self.loaders["train"].sampler.set_epoch(epoch, start=state.step_in_epoch * batch_size)
                 start = time.time()
                 train_nll = self.train_epoch(epoch)
