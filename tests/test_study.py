@@ -61,6 +61,15 @@ def test_curves_plot_both_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_the_curves_mark_each_lr_switch_the_run_has_reached(tmp_path):
+    from configs.run_args import save_run_args
+
+    save_run_args(tmp_path, parse_args(["--lr_schedule", "2:1e-4,9:5e-5"]))
+    records = [{"epoch": e, "step": 100 * (e + 1)} for e in (0, 2, 4)]  # 100 steps per epoch
+    assert study.lr_switch_steps(tmp_path, records) == {(200, 1e-4)}  # epoch 9 is not reached yet
+    assert study.lr_switch_steps(tmp_path / "missing", records) == set()
+
+
 def test_status_projects_each_run_and_compares_the_two_at_equal_steps(tmp_path):
     state = tmp_path / "state"  # no resume state anywhere: status reads the committed metrics
     for run, offset in (("qm9_edm_small", 0.0), ("qm9_gaga_small", 0.05)):

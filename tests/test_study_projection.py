@@ -62,3 +62,15 @@ def test_two_runs_are_compared_at_the_steps_both_evaluated():
 def test_a_near_flat_fit_reports_its_far_end_as_beyond_a_hundred_times_the_steps_so_far():
     p = project(records([1000, 2000, 3000, 4000], lambda s: 0.2 * (s / 1000) ** -0.01), target=0.9)
     assert p.steps_at_target > 100 * 4000 and "beyond 400,000 steps (100x the steps so far)" in p.describe()
+
+
+def test_a_fit_never_spans_a_learning_rate_change():
+    # A flat stretch at lr 5e-4 (no field: records before the field existed), then an exact power law at 1e-4.
+    before = records([4000, 8000, 12000, 16000], lambda s: 0.2)
+    after = records([20000, 24000, 28000], lambda s: 30.0 * s ** -0.5)
+    for r in after:
+        r["lr"] = 1e-4
+    assert project(before + after[:2], target=0.90) is None  # two evaluations at the new rate: no fit yet
+    p = project(before + after, target=0.90)
+    assert p.points == 3 and p.first_step == 20000 and p.exponent == pytest.approx(0.5)
+    assert project(before, target=0.90).exponent == pytest.approx(0.0, abs=1e-9)  # the flat stretch alone

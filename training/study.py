@@ -410,6 +410,7 @@ def plot_curves(run_dirs: dict[str, Path], out: Path) -> Path:
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     panels = [("val_nll", "validation NLL", None), ("atm_stable", "atom stability (%)", 100.0),
               ("mol_stable", "molecule stability (%)", 100.0)]
+    switches: set[tuple[int, float]] = set()
     for label, folder in run_dirs.items():
         records = read_records(folder)
         for ax, (key, title, scale) in zip(axes, panels):
@@ -422,6 +423,10 @@ def plot_curves(run_dirs: dict[str, Path], out: Path) -> Path:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
         _plot_projection(axes[3], label, records)
+        switches |= lr_switch_steps(folder, records)
+    for step, lr in sorted(switches):
+        for ax in axes:
+            ax.axvline(step, color="grey", linestyle="--", linewidth=1, label=f"lr {lr:g} from step {step:,}")
     for ax, (_, title, _) in zip(axes, panels):
         ax.set_xlabel("optimiser steps")
         ax.set_title(title)
@@ -444,6 +449,22 @@ def plot_curves(run_dirs: dict[str, Path], out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def lr_switch_steps(folder: Path, records: Sequence[dict]) -> set[tuple[int, float]]:
+    """(step, new lr) of each --lr_schedule change the run has reached, from its args.pickle; the
+    steps per epoch from its records (validation records are written at epoch ends)."""
+    from configs.run_args import load_run_args
+    from training.lr_schedule import parse_schedule
+
+    if not records or not (folder / "args.pickle").is_file():
+        return set()
+    try:
+        schedule = parse_schedule(getattr(load_run_args(folder), "lr_schedule", None))
+    except ValueError:  # an unreadable args.pickle (RunFolderError, UserInputError): no marks
+        return set()
+    steps_per_epoch = records[-1]["step"] // (records[-1]["epoch"] + 1)
+    return {(epoch * steps_per_epoch, lr) for epoch, lr in schedule if epoch * steps_per_epoch <= records[-1]["step"]}
 
 
 def _plot_projection(ax, label: str, records: Sequence[dict]) -> None:

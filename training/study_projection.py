@@ -7,8 +7,10 @@ the step at which ``s`` would reach the target if that rate held. The range cove
 slope's standard error and the choice of window (fits over the last 3, 4, ... evaluations): a rate
 that keeps slowing shows up as a later target step for the shorter windows. A plateau ahead
 (a capacity limit of a small network) is invisible to it: if the curve keeps bending, even the
-range's end is too early. This is an extrapolation for planning a budget, not a measurement, and is
-reported as one.
+range's end is too early. A fit never spans a learning-rate change (``--lr_schedule``; each
+metrics.jsonl record carries its epoch's ``lr``): only the evaluations since the last change count,
+so after a switch there is no projection until three evaluations at the new rate exist. This is an
+extrapolation for planning a budget, not a measurement, and is reported as one.
 """
 from __future__ import annotations
 
@@ -85,6 +87,17 @@ def stability_points(records: Sequence[dict[str, Any]], key: str = "atm_stable")
     return points
 
 
+def since_last_lr_change(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trailing records trained at the latest record's lr (records without an ``lr`` predate the
+    field and count as one rate)."""
+    out: list[dict[str, Any]] = []
+    for r in reversed(records):
+        if out and r.get("lr") != out[0].get("lr"):
+            break
+        out.insert(0, r)
+    return out
+
+
 def fit_power_law(steps: Sequence[float], values: Sequence[float]) -> tuple[float, float, float]:
     """(log_c, exponent, exponent standard error) of ``1 - value = c * steps ** -exponent``.
 
@@ -106,8 +119,9 @@ def fit_power_law(steps: Sequence[float], values: Sequence[float]) -> tuple[floa
 
 def project(records: Sequence[dict[str, Any]], key: str = "atm_stable", target: float = 0.90,
             window: int = DEFAULT_WINDOW) -> Projection | None:
-    """The projection from the last ``window`` evaluations, or None with fewer than three usable ones."""
-    points = [(s, v) for s, v in stability_points(records, key) if 0.0 < v < 1.0][-window:]
+    """The projection from the last ``window`` evaluations at the current lr, or None with fewer than
+    three usable ones."""
+    points = [(s, v) for s, v in stability_points(since_last_lr_change(records), key) if 0.0 < v < 1.0][-window:]
     if len(points) < 3:
         return None
     steps, values = zip(*points)
