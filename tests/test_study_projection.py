@@ -74,3 +74,16 @@ def test_a_fit_never_spans_a_learning_rate_change():
     p = project(before + after, target=0.90)
     assert p.points == 3 and p.first_step == 20000 and p.exponent == pytest.approx(0.5)
     assert project(before, target=0.90).exponent == pytest.approx(0.0, abs=1e-9)  # the flat stretch alone
+
+
+
+def test_with_the_runs_schedule_known_the_lr_comes_from_its_arguments_not_the_stored_field():
+    # Records from before and after the ``lr`` field existed, all at 5e-4: an exact power law.
+    recs = records([4000, 8000, 12000, 16000, 20000], lambda s: 30.0 * s ** -0.5)
+    for r in recs[3:]:
+        r["lr"] = 5e-4
+    assert project(recs, target=0.90) is None  # from the field alone: two records at "5e-4", no fit
+    p = project(recs, target=0.90, lr_of_epoch=lambda epoch: 5e-4)  # no schedule: one rate throughout
+    assert p.points == 5 and p.exponent == pytest.approx(0.5)
+    switched = project(recs, target=0.90, lr_of_epoch=lambda epoch: 5e-4 if epoch < 4 else 1e-4)  # epochs 0, 2 | 4, 6, 8
+    assert switched.points == 3 and switched.first_step == 12000

@@ -385,9 +385,9 @@ def status(runs: Sequence[Union[str, Run]], live_root: Path | None = None, state
             stab = last.get("stability") or {}
             text += (f"; epoch {last['epoch']} val NLL {last.get('val_nll')}, atom stab {stab.get('atm_stable')}, "
                      f"mol stab {stab.get('mol_stable')}")
-        projection = project(records, target=ATOM_STABILITY_BAR)
+        projection = project(records, target=ATOM_STABILITY_BAR, lr_of_epoch=run_lr_of_epoch(folder))
         if projection is not None:
-            text += "\n    " + projection.describe(steps_per_epoch=last["step"] // (last["epoch"] + 1))
+            text += "\n    " + projection.describe(steps_per_epoch=steps_per_epoch(records))
         lines.append(text)
     if len(generators) == 2:  # a study's baseline and its GAGA twin
         (a, records_a), (b, records_b) = generators
@@ -422,7 +422,7 @@ def plot_curves(run_dirs: dict[str, Path], out: Path) -> Path:
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        _plot_projection(axes[3], label, records)
+        _plot_projection(axes[3], label, records, run_lr_of_epoch(folder))
         switches |= lr_switch_steps(folder, records)
     for step, lr in sorted(switches):
         for ax in axes:
@@ -451,23 +451,39 @@ def plot_curves(run_dirs: dict[str, Path], out: Path) -> Path:
     return out
 
 
-def lr_switch_steps(folder: Path, records: Sequence[dict]) -> set[tuple[int, float]]:
-    """(step, new lr) of each --lr_schedule change the run has reached, from its args.pickle; the
-    steps per epoch from its records (validation records are written at epoch ends)."""
+def steps_per_epoch(records: Sequence[dict]) -> int:
+    """A run's optimiser steps per epoch, from its latest record (validation records are written at epoch ends)."""
+    return records[-1]["step"] // (records[-1]["epoch"] + 1)
+
+
+def run_lr_of_epoch(folder: Path) -> Callable[[int], float] | None:
+    """The run's learning rate by epoch, from its args.pickle (--lr and --lr_schedule); None without a
+    readable one."""
     from configs.run_args import load_run_args
-    from training.lr_schedule import parse_schedule
+    from training.lr_schedule import lr_at_epoch, parse_schedule
 
-    if not records or not (folder / "args.pickle").is_file():
-        return set()
+    if not (folder / "args.pickle").is_file():
+        return None
     try:
-        schedule = parse_schedule(getattr(load_run_args(folder), "lr_schedule", None))
-    except ValueError:  # an unreadable args.pickle (RunFolderError, UserInputError): no marks
+        args = load_run_args(folder)
+        schedule = parse_schedule(getattr(args, "lr_schedule", None))
+    except ValueError:  # an unreadable args.pickle (RunFolderError, UserInputError)
+        return None
+    return lambda epoch: lr_at_epoch(args.lr, schedule, epoch)
+
+
+def lr_switch_steps(folder: Path, records: Sequence[dict]) -> set[tuple[int, float]]:
+    """(step, new lr) of each lr change the run has reached, from its args.pickle."""
+    lr_of_epoch = run_lr_of_epoch(folder)
+    if not records or lr_of_epoch is None:
         return set()
-    steps_per_epoch = records[-1]["step"] // (records[-1]["epoch"] + 1)
-    return {(epoch * steps_per_epoch, lr) for epoch, lr in schedule if epoch * steps_per_epoch <= records[-1]["step"]}
+    per_epoch, last_epoch = steps_per_epoch(records), records[-1]["epoch"]
+    # Up to the epoch after the last record: the one the run starts next, at its last step.
+    return {(epoch * per_epoch, lr_of_epoch(epoch)) for epoch in range(1, last_epoch + 2)
+            if lr_of_epoch(epoch) != lr_of_epoch(epoch - 1) and epoch * per_epoch <= records[-1]["step"]}
 
 
-def _plot_projection(ax, label: str, records: Sequence[dict]) -> None:
+def _plot_projection(ax, label: str, records: Sequence[dict], lr_of_epoch: Callable[[int], float] | None) -> None:
     """1 - atom stability against steps (log-log), with the power-law fit extended to the bar."""
     import numpy as np
 
@@ -476,7 +492,7 @@ def _plot_projection(ax, label: str, records: Sequence[dict]) -> None:
         return
     steps, values = zip(*points)
     line, = ax.plot(steps, [100.0 * (1.0 - v) for v in values], marker="o", markersize=3, linestyle="none", label=label)
-    projection = project(records, target=ATOM_STABILITY_BAR)
+    projection = project(records, target=ATOM_STABILITY_BAR, lr_of_epoch=lr_of_epoch)
     if projection is None:
         return
     end = projection.steps_at_target

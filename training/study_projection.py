@@ -7,8 +7,8 @@ the step at which ``s`` would reach the target if that rate held. The range cove
 slope's standard error and the choice of window (fits over the last 3, 4, ... evaluations): a rate
 that keeps slowing shows up as a later target step for the shorter windows. A plateau ahead
 (a capacity limit of a small network) is invisible to it: if the curve keeps bending, even the
-range's end is too early. A fit never spans a learning-rate change (``--lr_schedule``; each
-metrics.jsonl record carries its epoch's ``lr``): only the evaluations since the last change count,
+range's end is too early. A fit never spans a learning-rate change (``--lr_schedule``; the lr of a
+record's epoch comes from the run's arguments, else from the record's ``lr`` field): only the evaluations since the last change count,
 so after a switch there is no projection until three evaluations at the new rate exist. This is an
 extrapolation for planning a budget, not a measurement, and is reported as one.
 """
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 DEFAULT_WINDOW = 5  # evaluations (every 2 epochs in the QM9 study: the last ~10 epochs)
+
+LrOfEpoch = Callable[[int], float]  # a run's learning rate by epoch (its --lr and --lr_schedule)
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,19 @@ def stability_points(records: Sequence[dict[str, Any]], key: str = "atm_stable")
     return points
 
 
-def since_last_lr_change(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trailing records trained at the latest record's lr (records without an ``lr`` predate the
-    field and count as one rate)."""
+def since_last_lr_change(records: Sequence[dict[str, Any]], lr_of_epoch: LrOfEpoch | None = None) -> list[dict[str, Any]]:
+    """The trailing records trained at the latest record's lr.
+
+    A record's lr is ``lr_of_epoch(record["epoch"])`` when the run's schedule is known; else its stored
+    ``lr`` field, where records without one (written before the field existed) count as one rate, so
+    a run crossing that upgrade gets its window cut there (conservative: a later fit, never a wrong one).
+    """
+    def lr(record: dict[str, Any]) -> Any:
+        return lr_of_epoch(record["epoch"]) if lr_of_epoch is not None and "epoch" in record else record.get("lr")
+
     out: list[dict[str, Any]] = []
     for r in reversed(records):
-        if out and r.get("lr") != out[0].get("lr"):
+        if out and lr(r) != lr(out[0]):
             break
         out.insert(0, r)
     return out
@@ -118,15 +127,16 @@ def fit_power_law(steps: Sequence[float], values: Sequence[float]) -> tuple[floa
 
 
 def project(records: Sequence[dict[str, Any]], key: str = "atm_stable", target: float = 0.90,
-            window: int = DEFAULT_WINDOW) -> Projection | None:
+            window: int = DEFAULT_WINDOW, lr_of_epoch: LrOfEpoch | None = None) -> Projection | None:
     """The projection from the last ``window`` evaluations at the current lr, or None with fewer than
-    three usable ones."""
-    points = [(s, v) for s, v in stability_points(since_last_lr_change(records), key) if 0.0 < v < 1.0][-window:]
+    three usable ones (``lr_of_epoch``: see ``since_last_lr_change``)."""
+    usable = stability_points(since_last_lr_change(records, lr_of_epoch), key)
+    points = [(s, v) for s, v in usable if 0.0 < v < 1.0][-window:]
     if len(points) < 3:
         return None
     steps, values = zip(*points)
     log_c, exponent, se = fit_power_law(steps, values)
-    shorter = [project(records, key, target, w) for w in range(3, len(points))]
+    shorter = [project(records, key, target, w, lr_of_epoch) for w in range(3, len(points))]
     return Projection(key=key, target=target, exponent=exponent, exponent_se=se, log_c=log_c, points=len(points),
                       first_step=steps[0], last_step=steps[-1], last_value=values[-1],
                       window_steps=tuple(p.steps_at_target for p in shorter if p is not None))
