@@ -66,8 +66,8 @@ def test_the_curves_mark_each_lr_switch_the_run_has_reached(tmp_path):
 
     save_run_args(tmp_path, parse_args(["--lr_schedule", "2:1e-4,9:5e-5"]))
     records = [{"epoch": e, "step": 100 * (e + 1)} for e in (0, 2, 4)]  # 100 steps per epoch
-    assert study.lr_switch_steps(tmp_path, records) == {(200, 1e-4)}  # epoch 9 is not reached yet
-    assert study.lr_switch_steps(tmp_path / "missing", records) == set()
+    assert study.lr_switch_steps(records, study.run_lr_of_epoch(tmp_path)) == {(200, 1e-4)}  # epoch 9 is not reached yet
+    assert study.run_lr_of_epoch(tmp_path / "missing") is None and study.lr_switch_steps(records, None) == set()
 
 
 def test_status_projects_each_run_and_compares_the_two_at_equal_steps(tmp_path):

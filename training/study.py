@@ -422,8 +422,9 @@ def plot_curves(run_dirs: dict[str, Path], out: Path) -> Path:
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        _plot_projection(axes[3], label, records, run_lr_of_epoch(folder))
-        switches |= lr_switch_steps(folder, records)
+        lr_of_epoch = run_lr_of_epoch(folder)
+        _plot_projection(axes[3], label, records, lr_of_epoch)
+        switches |= lr_switch_steps(records, lr_of_epoch)
     for step, lr in sorted(switches):
         for ax in axes:
             ax.axvline(step, color="grey", linestyle="--", linewidth=1, label=f"lr {lr:g} from step {step:,}")
@@ -472,9 +473,8 @@ def run_lr_of_epoch(folder: Path) -> Callable[[int], float] | None:
     return lambda epoch: lr_at_epoch(args.lr, schedule, epoch)
 
 
-def lr_switch_steps(folder: Path, records: Sequence[dict]) -> set[tuple[int, float]]:
-    """(step, new lr) of each lr change the run has reached, from its args.pickle."""
-    lr_of_epoch = run_lr_of_epoch(folder)
+def lr_switch_steps(records: Sequence[dict], lr_of_epoch: Callable[[int], float] | None) -> set[tuple[int, float]]:
+    """(step, new lr) of each lr change the run has reached (``lr_of_epoch``: ``run_lr_of_epoch``)."""
     if not records or lr_of_epoch is None:
         return set()
     per_epoch, last_epoch = steps_per_epoch(records), records[-1]["epoch"]
