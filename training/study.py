@@ -499,7 +499,8 @@ def _plot_projection(ax, label: str, records: Sequence[dict], lr_of_epoch: Calla
     end = min(end, 20 * projection.last_step) if math.isfinite(end) else 20 * projection.last_step
     xs = np.geomspace(projection.first_step, max(end, projection.last_step), 50)
     ax.plot(xs, 100.0 * np.exp(projection.log_c) * xs ** -projection.exponent, linestyle="--", color=line.get_color(),
-            label=f"{label}: fit, {ATOM_STABILITY_BAR:.0%} at ~{projection.steps_at_target:,.0f} steps")
+            label=f"{label}: fit, " + (f"{ATOM_STABILITY_BAR:.0%} at ~{projection.steps_at_target:,.0f} steps"
+                                       if projection.last_value < ATOM_STABILITY_BAR else "already past the bar"))
 
 
 PRETRAINED_ROOT = REPO / "pretrained"
