@@ -76,7 +76,6 @@ def test_a_fit_never_spans_a_learning_rate_change():
     assert project(before, target=0.90).exponent == pytest.approx(0.0, abs=1e-9)  # the flat stretch alone
 
 
-
 def test_with_the_runs_schedule_known_the_lr_comes_from_its_arguments_not_the_stored_field():
     # Records from before and after the ``lr`` field existed, all at 5e-4: an exact power law.
     recs = records([4000, 8000, 12000, 16000, 20000], lambda s: 30.0 * s ** -0.5)

@@ -9,8 +9,9 @@ that keeps slowing shows up as a later target step for the shorter windows. A pl
 (a capacity limit of a small network) is invisible to it: if the curve keeps bending, even the
 range's end is too early. A fit never spans a learning-rate change (``--lr_schedule``; the lr of a
 record's epoch comes from the run's arguments, else from the record's ``lr`` field): only the
-evaluations since the last change count, so after a switch there is no projection until three evaluations at the new rate exist. This is an
-extrapolation for planning a budget, not a measurement, and is reported as one.
+evaluations since the last change count, so after a switch there is no projection until three
+evaluations at the new rate exist. This is an extrapolation for planning a budget, not a
+measurement, and is reported as one.
 """
 from __future__ import annotations
 
