@@ -30,7 +30,7 @@ def test_the_generators_differ_only_in_gaga_flags_and_share_the_qm9_studys_recip
     differ = {k for k in edm if edm[k] != qm9_edm[k]}
     # The QM9 study's lr decay (from epoch 70) is its own: the conditional runs train 10 epochs.
     assert differ == {"exp_name", "dataset", "conditioning", "n_stability_samples", "lr_schedule"}, differ
-    assert (edm["lr"], edm["lr_schedule"], qm9_edm["lr_schedule"]) == (5e-4, None, "70:0.0001")
+    assert (edm["lr"], edm["lr_schedule"], qm9_edm["lr_schedule"]) == (5e-4, None, "70:0.0001,90:2e-05")
     assert edm["normalize_factors"] == [1, 4, 10] and edm["checkpoint_every_steps"] == 250 and edm["nf"] == 64
     assert study.training_command("cond_alpha_gaga_small", 12, True)[2:] == [
         "--resume", "outputs/cond_alpha/cond_alpha_gaga_small", "--n_epochs", "12"]

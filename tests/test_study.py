@@ -27,7 +27,7 @@ def test_the_two_runs_differ_only_in_gaga_flags(tmp_path):
 
 def test_resume_command_extends_the_budget_and_carries_the_lr_schedule(tmp_path):
     argv = study.training_command("qm9_gaga_small", epochs=12, resume=True, live_root=tmp_path)[2:]
-    assert argv == ["--resume", str(tmp_path / "qm9_gaga_small"), "--n_epochs", "12", "--lr_schedule", "70:1e-4"]
+    assert argv == ["--resume", str(tmp_path / "qm9_gaga_small"), "--n_epochs", "12", "--lr_schedule", "70:1e-4,90:2e-5"]
     override = study.training_command("qm9_gaga_small", 12, True, tmp_path, overrides={"lr_schedule": "1:1e-4"})
     assert override[-2:] == ["--lr_schedule", "1:1e-4"]
 
@@ -35,7 +35,7 @@ def test_resume_command_extends_the_budget_and_carries_the_lr_schedule(tmp_path)
 def test_both_runs_switch_to_lr_1e_4_at_epoch_70(tmp_path):
     for run in study.RUNS:
         args = parse_args(study.training_command(run, epochs=90, resume=False, live_root=tmp_path)[2:])
-        assert (args.lr, args.lr_schedule) == (5e-4, "70:0.0001")
+        assert (args.lr, args.lr_schedule) == (5e-4, "70:0.0001,90:2e-05")
 
 
 def test_metrics_log_keeps_the_last_record_per_epoch_and_skips_cut_lines(tmp_path):
