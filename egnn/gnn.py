@@ -12,11 +12,10 @@ block here, never in size groups.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
+from egnn import nan_guard
 from egnn.dense_ops import linear
 from egnn.egnn_new import GCL, FusedLayer, check_impl, set_impl
 from egnn.layout import PairLayout, single_block
@@ -146,10 +145,9 @@ class GNN_dynamics_QM9(nn.Module):
             h_final = h_final[:, :-1]  # the time channel's output is discarded
         if dims == self.n_dims:
             h_final = h_final[:, :0]
-        if torch.isnan(vel).any():
-            self.nan_resets += 1
-            warnings.warn(f"NaN in the predicted positions noise; reset to zero (reset #{self.nan_resets})",
-                          RuntimeWarning, stacklevel=2)
-            vel = torch.zeros_like(vel)
+        nan_vel = nan_guard.molecules_with_nan(vel)  # EDM checks the positions only here
+        if bool(nan_vel.any()):
+            nan_guard.warn_reset(self, "positions", nan_vel)
+            vel = nan_guard.reset_molecules(vel, nan_vel)
         vel = remove_mean_with_mask(vel, node_mask.reshape(bs, n_nodes, 1), check_padding=False)
         return torch.cat([vel, h_final.reshape(bs, n_nodes, -1)], dim=2)

@@ -15,12 +15,10 @@ seen, so a sampling chain, which passes the same masks at every step, computes i
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
-from egnn import device_policy
+from egnn import device_policy, nan_guard
 from egnn.egnn_new import EGNN
 from egnn.layout import PairLayout, single_block
 from equivariant_diffusion.utils import remove_mean_with_mask
@@ -110,7 +108,7 @@ class EGNN_dynamics_QM9(nn.Module):
         self.compile_backend = compile_backend
         self._compiled = None  # (owner id, compiled fn): a deep copy (the EMA model) compiles its own
         self._plan_cache = None  # (node_mask, edge_mask, their versions, setting, plan)
-        # How often the NaN guard fired (EDM resets NaN outputs to zero and warns).
+        # How often the NaN guard fired (egnn.nan_guard: NaN molecules' outputs reset to zero, with a warning).
         self.nan_resets = 0
         self.to(device)
 
@@ -155,18 +153,16 @@ class EGNN_dynamics_QM9(nn.Module):
         vel = vel.view(bs, n_nodes, self.n_dims)
         h_final = h_final.view(bs, n_nodes, dims - self.n_dims)
 
-        # EDM's NaN guard: a part with a NaN is reset to zero. One host sync for both parts, and
-        # the reset keeps the autograd graph (torch.where), so backward() always works and every
-        # parameter gets a gradient (a NaN one, which the training loop then skips on every
-        # process alike), also when both parts are reset.
-        nan_vel, nan_h = torch.isnan(vel).any(), torch.isnan(h_final).any()
-        if bool(nan_vel | nan_h):
-            if bool(nan_vel):
-                self._nan_reset("positions")
-                vel = torch.where(nan_vel, torch.zeros_like(vel), vel)
-            if bool(nan_h):
-                self._nan_reset("features")
-                h_final = torch.where(nan_h, torch.zeros_like(h_final), h_final)
+        # The NaN guard (egnn.nan_guard): a molecule with a NaN in a part gets that part reset to
+        # zero; one host sync for both parts in the common case of no NaN.
+        nan_vel, nan_h = nan_guard.molecules_with_nan(vel), nan_guard.molecules_with_nan(h_final)
+        if bool((nan_vel | nan_h).any()):
+            if bool(nan_vel.any()):
+                nan_guard.warn_reset(self, "positions", nan_vel)
+                vel = nan_guard.reset_molecules(vel, nan_vel)
+            if bool(nan_h.any()):
+                nan_guard.warn_reset(self, "features", nan_h)
+                h_final = nan_guard.reset_molecules(h_final, nan_h)
 
         vel = remove_mean_with_mask(vel, node_mask, check_padding=False)
         if self.zero_center_h:
@@ -195,13 +191,6 @@ class EGNN_dynamics_QM9(nn.Module):
         if self._compiled is None or self._compiled[0] != id(self):
             self._compiled = (id(self), device_policy.compile_network(self._network, self.compile_backend))
         return self._compiled[1]
-
-    def _nan_reset(self, what: str) -> None:
-        self.nan_resets += 1
-        warnings.warn(
-            f"NaN in the predicted {what} noise; reset to zero (reset #{self.nan_resets})",
-            RuntimeWarning, stacklevel=3,
-        )
 
     def _network(self, t_nodes, xh, node_mask, edge_mask, context, layout: PairLayout):
         """The EGNN on flat rows (see ``egnn.layout``): xh (n_nodes, 3+F), t_nodes (n_nodes, 1),

@@ -269,6 +269,18 @@ def test_gnn_network_matches_reference_and_depends_on_padding(impl):
     assert (phi_pad[:, :29] - phi).abs().max() > 0.01
 
 
+def test_gnn_resets_only_the_molecule_with_a_nan():
+    model, _, _ = ef.build(GNN)
+    f = ef.load(GNN)
+    inp = f["inputs"]
+    broken = f["z_t"].clone()
+    broken[0, 0, 0] = float("nan")
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="of 1 of"):
+        phi = model.phi(broken, f["t_normalized"], inp["node_mask"], inp["edge_mask"], None)
+    assert_close(phi[1:], f["phi"][1:], atol=1e-5, rtol=0)
+    assert torch.equal(phi[0, :, :3], torch.zeros_like(phi[0, :, :3]))
+
+
 def test_gnn_training_loss_nll_and_gradients_match_reference():
     model, nodes_dist, args = ef.build(GNN)
     model.train()
