@@ -84,6 +84,20 @@ def test_status_projects_each_run_and_compares_the_two_at_equal_steps(tmp_path):
                         "qm9_edm_small's latest 75.0% at step 3,000, 0.75x of qm9_edm_small's 4,000")
 
 
+def test_logged_hours_sum_the_epoch_and_sampling_times_of_the_log(tmp_path):
+    (tmp_path / "train_summary.log").write_text(
+        "Epoch 0: train NLL 2.58, took 1800.0 s\n"
+        "Stability at epoch 0: mol_stable 0.0000, atm_stable 0.17, validity 0.35 (900.0 s)\n"
+        "Val loss: 485.87 \t Test loss: 466.80\n"
+        "Epoch 1: learning rate 0.0001 (--lr_schedule 1:0.0001)\n"
+        "Epoch 1: train NLL 2.55, took 3600.0 s\n")
+    assert study.logged_hours(tmp_path) == {"train": 1.5, "sampling": 0.25}
+    # the live log (progress bars joined by carriage returns) wins over the summary
+    (tmp_path / "train.log").write_text("epoch 0: 10%|#|\rEpoch 0: train NLL 2.5, took 360.0 s\r")
+    assert study.logged_hours(tmp_path) == {"train": 0.1, "sampling": 0.0}
+    assert study.logged_hours(tmp_path / "missing") is None
+
+
 def test_candidate_parsing_rejects_unknown_flags():
     assert study.parse_candidate("nf=96,n_layers=6") == {"nf": "96", "n_layers": "6"}
     with pytest.raises(ValueError, match="key=value"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -362,6 +363,24 @@ def train(runs: Sequence[Union[str, Run]], epochs: int, hours: float, nice: int 
     return codes
 
 
+_EPOCH_TIME = re.compile(r"Epoch \d+: train NLL \S+, took ([\d.]+) s")
+_SAMPLING_TIME = re.compile(r"Stability at epoch \d+: .*\(([\d.]+) s\)")
+
+
+def logged_hours(folder: Path) -> dict[str, float] | None:
+    """The time a run's log records, in hours: ``train`` (its epochs of optimiser steps, redone
+    steps after a crash included) and ``sampling`` (its in-training stability samples). Each run
+    trains on one thread, so these are CPU hours of one core. Validation and test NLL passes,
+    start-up and steps lost to a stop before a checkpoint are not logged, so the total is a lower
+    bound. None without a log."""
+    for name in ("train.log", "train_summary.log"):
+        if (folder / name).is_file():
+            text = (folder / name).read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
+            return {"train": sum(map(float, _EPOCH_TIME.findall(text))) / 3600.0,
+                    "sampling": sum(map(float, _SAMPLING_TIME.findall(text))) / 3600.0}
+    return None
+
+
 def status(runs: Sequence[Union[str, Run]], live_root: Path | None = None, state_root: Path = STATE_ROOT) -> list[str]:
     """One line per run: where it is and its latest evaluation."""
     from training.metrics_log import read_records
@@ -386,6 +405,10 @@ def status(runs: Sequence[Union[str, Run]], live_root: Path | None = None, state
             stab = last.get("stability") or {}
             text += (f"; epoch {last['epoch']} val NLL {last.get('val_nll')}, atom stab {stab.get('atm_stable')}, "
                      f"mol stab {stab.get('mol_stable')}")
+        hours = logged_hours(folder)
+        if hours is not None:
+            text += (f"\n    logged time (one thread): {hours['train']:.2f} h of training + {hours['sampling']:.2f} h "
+                     "of in-training sampling")
         projection = project(records, target=ATOM_STABILITY_BAR, lr_of_epoch=run_lr_of_epoch(folder))
         if projection is not None:
             text += "\n    " + projection.describe(steps_per_epoch=steps_per_epoch(records))
