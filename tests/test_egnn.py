@@ -64,6 +64,12 @@ def batch(name: str):
     return f["z_t"], f["t_normalized"], f["inputs"]["node_mask"], f["inputs"]["edge_mask"]
 
 
+def network_and_batch(name: str, group_by_size: bool):
+    net = lively_network(name)
+    net.group_by_size = group_by_size
+    return net, batch(name)
+
+
 @pytest.mark.parametrize("name", ef.NAMES)
 @pytest.mark.parametrize("reflect", [False, True])
 def test_rotation_reflection_and_translation_equivariance(name, reflect):
@@ -117,9 +123,7 @@ def test_outputs_are_centred_and_masked(name):
 @pytest.mark.parametrize("name", ef.NAMES)
 @pytest.mark.parametrize("group_by_size", [False, True])
 def test_extra_padding_changes_nothing(name, group_by_size):
-    net = lively_network(name)
-    net.group_by_size = group_by_size
-    z, t, node_mask, edge_mask = batch(name)
+    net, (z, t, node_mask, edge_mask) = network_and_batch(name, group_by_size)
     out = net(t, z, node_mask, edge_mask, None)
     bs, n, d = z.shape
     extra = 4
@@ -167,9 +171,7 @@ def test_nan_outputs_are_reset_counted_and_warned():
 @pytest.mark.parametrize("group_by_size", [False, True])
 def test_a_nan_molecule_is_reset_alone_and_leaves_the_batch_unchanged(name, group_by_size):
     """EDM zeroes the whole batch on any NaN; here only the diverged molecule is reset."""
-    net = lively_network(name)
-    net.group_by_size = group_by_size
-    z, t, node_mask, edge_mask = batch(name)
+    net, (z, t, node_mask, edge_mask) = network_and_batch(name, group_by_size)
     clean = net(t, z, node_mask, edge_mask, None)
     broken = z.clone()
     broken[0, 0, 0] = float("nan")  # atom 0 of molecule 0 is real in every fixture
