@@ -7,7 +7,8 @@ which made sampling metrics depend on the batch size (measured: one such molecul
 100 left all 100 unstable). When no molecule has a NaN, the output is EDM's exactly.
 
 The reset goes through ``torch.where``, so the autograd graph is kept and ``backward()`` always
-runs (a NaN molecule still gives NaN parameter gradients, which the training loop skips).
+runs; in training, a NaN inside the network normally makes the parameter gradients NaN too, and
+the training loop skips such a step, as it did with EDM's batch-wide reset.
 """
 from __future__ import annotations
 
