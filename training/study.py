@@ -370,9 +370,9 @@ _SAMPLING_TIME = re.compile(r"Stability at epoch \d+: .*\(([\d.]+) s\)")
 def logged_hours(folder: Path) -> dict[str, float] | None:
     """The time a run's log records, in hours: ``train`` (its epochs of optimiser steps, redone
     steps after a crash included) and ``sampling`` (its in-training stability samples). Each run
-    trains on one thread, so these are CPU hours of one core. Validation and test NLL passes,
-    start-up and steps lost to a stop before a checkpoint are not logged, so the total is a lower
-    bound. None without a log."""
+    is one thread, so this is the wall clock of one core: its CPU time while it had a core to
+    itself, more on a shared machine. Validation and test NLL passes, start-up and steps lost to
+    a stop before a checkpoint are not logged. None without a log."""
     for name in ("train.log", "train_summary.log"):
         if (folder / name).is_file():
             text = (folder / name).read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
