@@ -20,8 +20,8 @@ SHIPPED = {  # run -> (max_t, dataset_var, zero_center_h)
     "qm9_gaga_small": (550, 0.848, True),
 }
 # Atom stability of 40 molecules drawn with DPM-Solver++(2M) in 50 steps, seed 0, one thread. The
-# weights of epoch 90 (the runs' EMA at the end of epoch 90, 140,670 steps each) gave 0.826 (EDM)
-# and 0.875 (EDM+GAGA) with seed 0, 0.842 / 0.863 with seed 1 (epoch 80: 0.808 / 0.868; the
+# weights of epoch 100 (the runs' EMA at the end of epoch 100, 156,300 steps each) gave 0.840 (EDM)
+# and 0.872 (EDM+GAGA) with seed 0, 0.834 / 0.863 with seed 1 (epoch 90: 0.826 / 0.875; the
 # interim weights of epoch 30: 0.773 / 0.823); the bounds leave a margin for other machines'
 # float rounding. An untrained network gives 0.0.
 MIN_ATOM_STABILITY = {"qm9_edm_small": 0.70, "qm9_gaga_small": 0.70}
