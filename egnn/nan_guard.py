@@ -27,7 +27,7 @@ def reset_molecules(part: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     return torch.where(bad.view(-1, 1, 1), torch.zeros_like(part), part)
 
 
-def warn_reset(owner, what: str, bad: torch.Tensor) -> None:
+def warn_reset(owner: torch.nn.Module, what: str, bad: torch.Tensor) -> None:
     """Count the reset on ``owner.nan_resets`` and warn with how many molecules it touched."""
     owner.nan_resets += 1
     warnings.warn(
