@@ -291,3 +291,46 @@ def test_ship_takes_an_epochs_weights_from_its_per_epoch_copy(tmp_path, qm9_data
     assert load_run_args(shipped).current_epoch == 3
     with pytest.raises(ValueError, match="not at the end of epoch 2"):
         study.ship("qm9_edm_small", 2, live, tmp_path / "state", tmp_path / "pretrained")
+
+
+def test_speed_times_every_row_in_one_process_and_feeds_the_table(tmp_path, qm9_datadir):
+    """``speed`` samples the rows in turn in one process; the table's s/mol column takes its figures
+    while they match the evaluated weights, and falls back on the evaluation's own timings."""
+    import torch
+
+    from training import study_speed
+    from training.checkpoint import EMA_FILE, atomic_torch_save
+
+    model_root, cache = tmp_path / "pretrained", tmp_path / "cache"
+    for name in study.RUNS:
+        _tiny_shipped_model(model_root, qm9_datadir, name)
+    rows = study_eval.select_rows(study_eval.evaluation_rows(), "1,3,8")  # 1000, 50 and 50 steps
+    threads = torch.get_num_threads()
+    try:
+        record = study_speed.measure_speed(rows, model_root, n_batches=2, batch_size=2, datadir=str(qm9_datadir),
+                                           progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    timed = record["rows"]
+    assert list(timed) == [r.slug for r in rows] and record["threads"] == 1
+    assert [t["steps"] for t in timed.values()] == [1000, 50, 50]
+    assert all(len(t["batch_seconds"]) == 2 for t in timed.values())
+    full, solver = timed[rows[0].slug]["s_per_molecule"], timed[rows[1].slug]["s_per_molecule"]
+    assert full > 5 * solver > 0  # 20x the network evaluations: the clock measured the chain
+
+    study_speed.save_speed({**record, "rows": {k: timed[k] for k in list(timed)[:1]}}, cache)
+    study_speed.save_speed({**record, "rows": {k: timed[k] for k in list(timed)[1:]}}, cache)  # merged
+    stored = study_speed.stored_speed(cache, model_root, rows)
+    assert stored["rows"] == timed
+
+    results = study_eval.evaluate(rows[1:], model_root, n_samples=2, iterations=1, batch_size=2, nll=False,
+                                  datadir=str(qm9_datadir), novelty=False)
+    table = study_eval.markdown_report(results, stored)
+    assert f"| {timed[rows[1].slug]['s_per_molecule']:.4f} ± " in table and "`python equal_budget.py speed`" in table
+    assert f"| {results[0]['mean']['s_per_molecule']:.4f} |" in study_eval.markdown_report(results)
+
+    state = torch.load(model_root / "qm9_edm_small" / EMA_FILE, weights_only=True)
+    key = next(iter(state))
+    state[key] = state[key] + 0.01
+    atomic_torch_save(state, model_root / "qm9_edm_small" / EMA_FILE)
+    assert study_speed.stored_speed(cache, model_root, rows) is None  # other weights: not their speed

@@ -690,6 +690,7 @@ class Study:
     evaluate_command: Callable[[argparse.Namespace], int]
     curves_out: Path
     has_pilot: bool = False
+    speed_command: Callable[[argparse.Namespace], int] | None = None
 
     @property
     def run_names(self) -> list[str]:
@@ -746,6 +747,15 @@ def build_parser(study: Study | None = None) -> argparse.ArgumentParser:
     sh.add_argument("--runs", default=names)
     ev = sub.add_parser("evaluate", help="the study's table from the shipped models")
     study.add_evaluate_arguments(ev)
+    if study.speed_command is not None:
+        sp = sub.add_parser("speed", help="seconds per molecule of every row, measured in one process (the table's "
+                                          "speed column)")
+        sp.add_argument("--n_batches", type=int, default=2, help="batches timed per row")
+        sp.add_argument("--batch_size", type=int, default=100)
+        sp.add_argument("--threads", type=int, default=1)
+        sp.add_argument("--rows", default="", help="comma-separated row numbers (1-based); default all")
+        sp.add_argument("--model_root", default=str(PRETRAINED_ROOT))
+        sp.add_argument("--cache_dir", default=str(PRETRAINED_ROOT / "equal_budget_eval"))
     s = sub.add_parser("status", help="where each run is")
     s.add_argument("--runs", default=names)
     c = sub.add_parser("curves", help="PNG of validation NLL and stability against steps for the generators")
@@ -756,17 +766,12 @@ def build_parser(study: Study | None = None) -> argparse.ArgumentParser:
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
-    from training import study_eval
+    from training import study_eval, study_speed
 
     if args.n_samples < 1 or args.iterations < 1 or args.batch_size < 1 or args.jobs < 1:
         raise UserInputError("--n_samples, --iterations, --batch_size and --jobs must be >= 1")
     all_rows = study_eval.evaluation_rows()
-    rows = study_eval.select_rows(all_rows, args.rows)
-    runs = sorted({row.run for row in rows})
-    missing = [r for r in runs if not (Path(args.model_root) / r / "args.pickle").is_file()]
-    if missing:
-        raise RunFolderError(f"no shipped model for {missing} under {args.model_root}; run `python equal_budget.py ship --epochs N` first")
-    study_eval.check_same_budget(Path(args.model_root), runs)
+    rows = _shipped_rows(Path(args.model_root), args.rows)
     cache_dir = Path(args.cache_dir)
     if args.jobs > 1:
         numbers = [all_rows.index(r) + 1 for r in rows]
@@ -775,18 +780,44 @@ def _evaluate_command(args: argparse.Namespace) -> int:
         study_eval.evaluate_in_parallel(numbers, rows, args.jobs, [
             "--n_samples", str(args.n_samples), "--iterations", str(args.iterations), "--batch_size", str(args.batch_size),
             "--model_root", args.model_root, "--cache_dir", str(cache_dir)], REPO / "equal_budget.py", costs)
+    speed = None if args.no_report else study_speed.stored_speed(cache_dir, Path(args.model_root), rows)
     results = study_eval.evaluate(rows, Path(args.model_root), args.n_samples, args.iterations, args.batch_size,
                                   out_stem=None if args.no_report else Path(args.out), nll=not args.no_nll,
-                                  cache_dir=cache_dir)
+                                  cache_dir=cache_dir, speed=speed)
     if not args.no_report:
-        print(study_eval.markdown_report(results))
+        print(study_eval.markdown_report(results, speed))
+    return 0
+
+
+def _shipped_rows(model_root: Path, spec: str) -> list:
+    """The selected rows of the table, after checking their models are shipped at one budget."""
+    from training import study_eval
+
+    rows = study_eval.select_rows(study_eval.evaluation_rows(), spec)
+    runs = sorted({row.run for row in rows})
+    missing = [r for r in runs if not (model_root / r / "args.pickle").is_file()]
+    if missing:
+        raise RunFolderError(f"no shipped model for {missing} under {model_root}; run `python equal_budget.py ship --epochs N` first")
+    study_eval.check_same_budget(model_root, runs)
+    return rows
+
+
+def _speed_command(args: argparse.Namespace) -> int:
+    from training import study_speed
+
+    if args.n_batches < 1 or args.batch_size < 1 or args.threads < 1:
+        raise UserInputError("--n_batches, --batch_size and --threads must be >= 1")
+    rows = _shipped_rows(Path(args.model_root), args.rows)
+    record = study_speed.measure_speed(rows, Path(args.model_root), args.n_batches, args.batch_size, threads=args.threads)
+    print(study_speed.save_speed(record, Path(args.cache_dir)))
+    print(study_speed.speed_table(record))
     return 0
 
 
 QM9_STUDY = Study(
     name="qm9", title="EDM vs EDM+GAGA at equal budget on a CPU (training side).", runs=QM9_RUNS,
     add_evaluate_arguments=_qm9_evaluate_arguments, evaluate_command=_evaluate_command,
-    curves_out=STATE_ROOT.parent / "training_curves.png", has_pilot=True,
+    curves_out=STATE_ROOT.parent / "training_curves.png", has_pilot=True, speed_command=_speed_command,
 )
 
 
@@ -831,6 +862,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "evaluate":
         return study.evaluate_command(args)
+    if args.command == "speed":
+        return study.speed_command(args)
     if args.command == "status":
         print("\n".join(status(runs)))
         return 0

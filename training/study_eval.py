@@ -153,10 +153,11 @@ def cached_iterations(path: Path, key: dict) -> list[dict]:
 
 def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iterations: int, batch_size: int = 100,
              seed: int = 0, out_stem: Path | None = None, nll: bool = True, datadir: str | None = None,
-             novelty: bool = True, cache_dir: Path | None = None) -> list[dict]:
+             novelty: bool = True, cache_dir: Path | None = None, speed: dict | None = None) -> list[dict]:
     """Sample and score every row with the same code, seeds and budget; test NLL per model.
 
     With ``cache_dir``, finished iterations are reused and each new one is saved as it completes.
+    ``speed``: one-process timings (``study_speed``) for the written report's s/mol column.
     """
     import torch
 
@@ -217,8 +218,9 @@ def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iteratio
         print(bench.markdown_table([result], baseline_index=None).splitlines()[2], flush=True)
     if out_stem is not None:
         out_stem.parent.mkdir(parents=True, exist_ok=True)
-        out_stem.with_suffix(".md").write_text(markdown_report(results) + "\n")
-        out_stem.with_suffix(".json").write_text(json.dumps({"results": results, "test_nll": test_nll}, indent=1))
+        out_stem.with_suffix(".md").write_text(markdown_report(results, speed) + "\n")
+        out_stem.with_suffix(".json").write_text(json.dumps({"results": results, "test_nll": test_nll,
+                                                             "sampling_speed": speed}, indent=1))
     return results
 
 
@@ -268,9 +270,20 @@ def _test_nll(lr, datadir: str | None) -> float:
     return test(args, loaders["test"], 0, lr.model, torch.device("cpu"), torch.float32, lr.nodes_dist, "Test")
 
 
-def markdown_report(results: Sequence[dict[str, Any]]) -> str:
-    """| model | start | steps | atom stab | mol stab | valid | V x U | novelty | s/mol | (mean ± std over iterations)."""
+def markdown_report(results: Sequence[dict[str, Any]], speed: dict | None = None) -> str:
+    """| model | start | steps | atom stab | mol stab | valid | V x U | novelty | s/mol | (mean ± std over iterations).
+
+    ``speed``: a ``study_speed`` record; its one-process timings replace the evaluation's for the
+    rows it has."""
     from training.sampling_benchmark import _pm
+
+    timed = {} if speed is None else {r["label"]: r for r in speed["rows"].values()}
+
+    def seconds(r: dict) -> str:
+        if r["label"] in timed:
+            t = timed[r["label"]]
+            return f"{t['s_per_molecule']:.4f} ± {t['s_per_molecule_std']:.4f}"
+        return _pm(r, "s_per_molecule", 1.0, 4)
 
     header = ["row", "model", "start", "steps", "atom stab (%)", "mol stab (%)", "valid (%)", "V x U (%)",
               "novelty (%)", "s / mol", "test NLL"]
@@ -281,7 +294,7 @@ def markdown_report(results: Sequence[dict[str, Any]]) -> str:
         nll = r.get("test_nll")
         lines.append("| " + " | ".join([
             r["label"], r["run"], start, str(r["steps"]), _pm(r, "atm_stable"), _pm(r, "mol_stable"), _pm(r, "validity"),
-            _pm(r, "validity_x_uniqueness"), _pm(r, "novelty"), _pm(r, "s_per_molecule", 1.0, 4),
+            _pm(r, "validity_x_uniqueness"), _pm(r, "novelty"), seconds(r),
             "n/a" if nll is None else f"{nll:.2f}",
         ]) + " |")
     n, k = results[0]["n_samples"], len(results[0]["iterations"])
@@ -289,4 +302,11 @@ def markdown_report(results: Sequence[dict[str, Any]]) -> str:
     lines += ["", f"{n} molecules per iteration, {k} iterations, mean ± std; seconds per molecule are wall clock "
                   f"on {results[0]['device']}, measured in one process"
                   + (f" with {'/'.join(map(str, threads))} thread(s)" if threads else "") + "."]
+    n_timed = sum(r["label"] in timed for r in results)
+    if n_timed:
+        lines[-1] = lines[-1].replace("seconds per molecule are", "the evaluation's own seconds per molecule were")
+        lines += [f"Seconds per molecule (mean ± std over {speed['n_batches']} batches of {speed['batch_size']}): "
+                  f"the rows sampled in turn in one process with {speed['threads']} thread(s) "
+                  "(`python equal_budget.py speed`)"
+                  + ("." if n_timed == len(results) else "; rows it has not timed show the evaluation's own.")]
     return "\n".join(lines)
