@@ -60,6 +60,18 @@ def test_curves_plot_both_runs(tmp_path):
     out = study.plot_curves({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
+    # The study's evaluations at a budget: error bars at epoch x steps per epoch, and the bars.
+    budgets = {"a": [{"epoch": 2, "n_samples": 1000, "iterations": [
+        {"atm_stable": 0.90, "mol_stable": 0.18}, {"atm_stable": 0.92, "mol_stable": 0.22}]}]}
+    fig = study.curves_figure({"a": tmp_path / "a", "b": tmp_path / "b"}, budgets)
+    molecule = fig.axes[2]
+    (bars,) = molecule.containers
+    x, y = bars.lines[0].get_data()
+    assert list(x) == [200] and list(y) == pytest.approx([20.0])  # epoch 2 at 100 steps per epoch; the mean
+    labels = molecule.get_legend_handles_labels()[1]
+    assert "a: 2 x 1,000 molecules, mean ± std" in labels and "bar for EDM's full chain: 20%" in labels
+    assert list(fig.axes[1].containers[0].lines[0].get_data()[1]) == pytest.approx([91.0])
+
 
 def test_the_curves_mark_each_lr_switch_the_run_has_reached(tmp_path):
     from configs.run_args import save_run_args
@@ -334,3 +346,35 @@ def test_speed_times_every_row_in_one_process_and_feeds_the_table(tmp_path, qm9_
     state[key] = state[key] + 0.01
     atomic_torch_save(state, model_root / "qm9_edm_small" / EMA_FILE)
     assert study_speed.stored_speed(cache, model_root, rows) is None  # other weights: not their speed
+
+
+def test_each_runs_own_chain_is_collected_at_every_budget_it_was_evaluated_at(tmp_path, qm9_datadir):
+    """Earlier budgets from ``epoch_<N>/``; the live cache counts for the shipped epoch only while
+    it was measured on the shipped weights; other rows (not the run's own chain) are ignored."""
+    from configs.atomic_io import write_json
+    from configs.run_args import load_run_args, save_run_args
+
+    model_root, cache = tmp_path / "pretrained", tmp_path / "cache"
+    folder = _tiny_shipped_model(model_root, qm9_datadir, "qm9_edm_small")
+    args = load_run_args(folder)
+    args.current_epoch = 100
+    save_run_args(folder, args)
+    own = study_eval.own_chain_rows()
+    assert own["qm9_edm_small"].label == "EDM full chain" and own["qm9_gaga_small"].label == "EDM+GAGA at T*=550"
+    digest = study_eval.weight_digests(model_root, [own["qm9_edm_small"]])["qm9_edm_small"]
+
+    def cache_file(where, row, weights, mol):
+        key = study_eval.row_key(row, weights, 1000, 100, 0, True)
+        write_json(where / f"{row.slug}.json", {"key": key, "label": row.label, "result": {"iterations": [
+            {"atm_stable": 0.9, "mol_stable": mol}]}})
+
+    cache_file(cache / "epoch_80", own["qm9_edm_small"], "old-weights", 0.18)
+    cache_file(cache / "epoch_80", own["qm9_gaga_small"], "old-gaga", 0.28)
+    cache_file(cache / "epoch_80", study_eval.evaluation_rows()[1], "old-weights", 0.05)  # DDIM: not an own chain
+    cache_file(cache, own["qm9_edm_small"], digest, 0.196)
+    budgets = study_eval.measured_budgets(cache, model_root)
+    assert [(b["epoch"], b["iterations"][0]["mol_stable"]) for b in budgets["qm9_edm_small"]] == [(80, 0.18), (100, 0.196)]
+    assert [b["epoch"] for b in budgets["qm9_gaga_small"]] == [80]  # not shipped here: its earlier budget only
+
+    cache_file(cache, own["qm9_edm_small"], "other-weights", 0.5)  # stale: the shipped weights changed since
+    assert [b["epoch"] for b in study_eval.measured_budgets(cache, model_root)["qm9_edm_small"]] == [80]

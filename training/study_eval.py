@@ -143,6 +143,46 @@ def remaining_costs(rows: Sequence[EvalRow], model_root: Path, n_samples: int, i
         for row in rows]
 
 
+def own_chain_rows() -> dict[str, EvalRow]:
+    """run -> the row that samples it with its own chain (EDM: the full chain; EDM+GAGA: from T*)."""
+    rows = evaluation_rows()
+    own = {rows[0].run: rows[0], rows[4].run: rows[4]}
+    assert own[rows[0].run].options["start_step"] is None and own[rows[4].run].options["start_step"] == GAGA_T_STAR
+    return own
+
+
+def measured_budgets(cache_root: Path, model_root: Path) -> dict[str, list[dict]]:
+    """Each run's own-chain row as evaluated at each budget, for the training curves:
+    ``{run: [{"epoch", "n_samples", "iterations"}, ...]}`` sorted by epoch. Earlier budgets are
+    kept in ``<cache_root>/epoch_<N>/`` (the cache of the weights shipped at epoch N); the cache in
+    ``cache_root`` itself counts for the shipped weights' epoch while its key matches them."""
+    from configs.run_args import load_run_args
+
+    points: dict[str, list[dict]] = {}
+    sources = [(int(d.name.split("_")[1]), d, None) for d in cache_root.glob("epoch_*")
+               if d.is_dir() and d.name.split("_")[1].isdigit()]
+    for run, row in own_chain_rows().items():
+        if (model_root / run / "args.pickle").is_file():
+            epoch = getattr(load_run_args(model_root / run), "current_epoch", None)
+            if epoch is not None:
+                digest = weight_digests(model_root, [row])[run]
+                sources.append((int(epoch), cache_root, (run, digest)))
+    for epoch, folder, shipped in sorted(sources, key=lambda s: s[0]):
+        for run, row in own_chain_rows().items():
+            if shipped is not None and shipped[0] != run:
+                continue
+            cached = read_json(folder / f"{row.slug}.json")
+            if cached is None or cached.get("key", {}).get("options") != row.options:
+                continue
+            if shipped is not None and cached["key"].get("weights") != shipped[1]:
+                continue  # measured on other weights than the shipped ones: not this epoch's
+            iterations = cached.get("result", {}).get("iterations", [])
+            if iterations:
+                points.setdefault(run, []).append(
+                    {"epoch": epoch, "n_samples": cached["key"]["n_samples"], "iterations": iterations})
+    return points
+
+
 def cached_iterations(path: Path, key: dict) -> list[dict]:
     """The iterations measured earlier under the same key (weights, budget, seed), else none."""
     cached = read_json(path)
