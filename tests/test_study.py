@@ -223,14 +223,17 @@ def test_a_stopped_evaluation_resumes_at_the_next_iteration(tmp_path, qm9_datadi
     assert strip(both["iterations"][0]) == strip(first["iterations"][0])
     assert [strip(i) for i in both["iterations"]] == [strip(i) for i in fresh["iterations"]]
     assert len(calls) == 4
-    study_eval.evaluate(row, model_root, iterations=2, **kwargs)
+    stored = (cache / f"{row[0].slug}.json").read_bytes()
+    again = study_eval.evaluate(row, model_root, iterations=2, **kwargs)[0]
     assert len(calls) == 4  # everything cached
+    assert (cache / f"{row[0].slug}.json").read_bytes() == stored  # and the cache is left as it was
+    import torch
+
+    assert again["device"] == f"CPU ({torch.get_num_threads()} thread(s))"  # where the iterations were measured
 
     _tiny_shipped_model(model_root, qm9_datadir)  # same seed, same weights: still cached
     study_eval.evaluate(row, model_root, iterations=1, **kwargs)
     assert len(calls) == 4
-    import torch
-
     from training.checkpoint import EMA_FILE, atomic_torch_save
 
     state = torch.load(model_root / "qm9_gaga_small" / EMA_FILE, weights_only=True)

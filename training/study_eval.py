@@ -252,7 +252,10 @@ def evaluate(rows: Sequence[EvalRow], model_root: Path, n_samples: int, iteratio
                                    n_samples, iterations, T, device, seed=seed, on_iteration=save,
                                    completed=list(done[:iterations]))
         result["run"], result["test_nll"] = row.run, test_nll.get(row.run)
-        if path is not None:
+        threads = sorted({it["threads"] for it in result["iterations"] if it.get("threads")})
+        if threads:  # where the iterations were measured, not the process assembling them
+            result["device"] = f"{device.type.upper()} ({'/'.join(map(str, threads))} thread(s))"
+        if path is not None and len(done) > reused:
             write_json(path, {"key": key, "label": row.label, "result": {**result, "iterations": done}})
         results.append(result)
         print(bench.markdown_table([result], baseline_index=None).splitlines()[2], flush=True)
@@ -330,7 +333,7 @@ def markdown_report(results: Sequence[dict[str, Any]], speed: dict | None = None
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         setting = r["setting"]
-        start = f"N(0, v_{setting['start_step']}) at {setting['start_step']}" if setting["start_step"] else "N(0, I) at 1000"
+        start = f"N(0, v_{setting['start_step']} I) at {setting['start_step']}" if setting["start_step"] else "N(0, I) at 1000"
         nll = r.get("test_nll")
         lines.append("| " + " | ".join([
             r["label"], r["run"], start, str(r["steps"]), _pm(r, "atm_stable"), _pm(r, "mol_stable"), _pm(r, "validity"),
@@ -339,14 +342,16 @@ def markdown_report(results: Sequence[dict[str, Any]], speed: dict | None = None
         ]) + " |")
     n, k = results[0]["n_samples"], len(results[0]["iterations"])
     threads = sorted({it.get("threads") for r in results for it in r["iterations"] if it.get("threads")})
-    lines += ["", f"{n} molecules per iteration, {k} iterations, mean ± std; seconds per molecule are wall clock "
-                  f"on {results[0]['device']}, measured in one process"
-                  + (f" with {'/'.join(map(str, threads))} thread(s)" if threads else "") + "."]
+    own = (f"each iteration's sampling wall clock on {results[0]['device'].split(' (')[0]}, in its row's evaluation "
+           "process" + (f" with {'/'.join(map(str, threads))} thread(s)" if threads else ""))
+    lines += ["", f"{n} molecules per iteration, {k} iterations, mean ± std."]
     n_timed = sum(r["label"] in timed for r in results)
     if n_timed:
-        lines[-1] = lines[-1].replace("seconds per molecule are", "the evaluation's own seconds per molecule were")
         lines += [f"Seconds per molecule (mean ± std over {speed['n_batches']} batches of {speed['batch_size']}): "
                   f"the rows sampled in turn in one process with {speed['threads']} thread(s) "
                   "(`python equal_budget.py speed`)"
-                  + ("." if n_timed == len(results) else "; rows it has not timed show the evaluation's own.")]
+                  + ("" if n_timed == len(results) else f"; rows it has not timed: {own}")
+                  + f". The evaluation's own timings ({own}) are in the JSON."]
+    else:
+        lines += [f"Seconds per molecule: {own}."]
     return "\n".join(lines)
