@@ -48,6 +48,8 @@ def measure_speed(rows: Sequence[EvalRow], model_root: Path, n_batches: int = 2,
         T = int(lr.args.diffusion_steps)
         options = SamplingOptions(**row.options).validated(T)
         seconds = []
+        if progress:
+            print(f"{row.label}: timing {n_batches} x {batch_size} molecules ...", end=" ", flush=True)
         for b in range(n_batches):
             torch.manual_seed(seed + b)
             np.random.seed(seed + b)
@@ -60,8 +62,7 @@ def measure_speed(rows: Sequence[EvalRow], model_root: Path, n_batches: int = 2,
                               "batch_seconds": seconds, "s_per_molecule": float(np.mean(per_molecule)),
                               "s_per_molecule_std": float(np.std(per_molecule))}
         if progress:
-            print(f"{row.label}: {measured[row.slug]['s_per_molecule']:.4f} s per molecule "
-                  f"({n_batches} x {batch_size} molecules)", flush=True)
+            print(f"{measured[row.slug]['s_per_molecule']:.4f} s per molecule", flush=True)
     return {"weights": weight_digests(model_root, rows), "threads": threads, "n_batches": n_batches,
             "batch_size": batch_size, "seed": seed, "rows": measured}
 
