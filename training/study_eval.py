@@ -158,29 +158,27 @@ def measured_budgets(cache_root: Path, model_root: Path) -> dict[str, list[dict]
     ``cache_root`` itself counts for the shipped weights' epoch while its key matches them."""
     from configs.run_args import load_run_args
 
-    points: dict[str, list[dict]] = {}
-    sources = [(int(d.name.split("_")[1]), d, None) for d in cache_root.glob("epoch_*")
-               if d.is_dir() and d.name.split("_")[1].isdigit()]
-    for run, row in own_chain_rows().items():
-        if (model_root / run / "args.pickle").is_file():
-            epoch = getattr(load_run_args(model_root / run), "current_epoch", None)
-            if epoch is not None:
-                digest = weight_digests(model_root, [row])[run]
-                sources.append((int(epoch), cache_root, (run, digest)))
-    for epoch, folder, shipped in sorted(sources, key=lambda s: s[0]):
-        for run, row in own_chain_rows().items():
-            if shipped is not None and shipped[0] != run:
-                continue
-            cached = read_json(folder / f"{row.slug}.json")
-            if cached is None or cached.get("key", {}).get("options") != row.options:
-                continue
-            if shipped is not None and cached["key"].get("weights") != shipped[1]:
-                continue  # measured on other weights than the shipped ones: not this epoch's
-            iterations = cached.get("result", {}).get("iterations", [])
-            if iterations:
-                points.setdefault(run, []).append(
-                    {"epoch": epoch, "n_samples": cached["key"]["n_samples"], "iterations": iterations})
-    return points
+    own = own_chain_rows()
+    found: dict[str, list[dict]] = {run: [] for run in own}
+
+    def add(run: str, epoch: int, cached: dict | None) -> None:
+        if cached is None or cached.get("key", {}).get("options") != own[run].options:
+            return
+        iterations = cached.get("result", {}).get("iterations", [])
+        if iterations:
+            found[run].append({"epoch": epoch, "n_samples": cached["key"]["n_samples"], "iterations": iterations})
+
+    for folder in cache_root.glob("epoch_*"):
+        if folder.is_dir() and folder.name.split("_")[1].isdigit():
+            for run, row in own.items():
+                add(run, int(folder.name.split("_")[1]), read_json(folder / f"{row.slug}.json"))
+    for run, row in own.items():
+        epoch = (getattr(load_run_args(model_root / run), "current_epoch", None)
+                 if (model_root / run / "args.pickle").is_file() else None)
+        cached = read_json(cache_root / f"{row.slug}.json")
+        if epoch is not None and cached is not None and cached["key"].get("weights") == weight_digests(model_root, [row])[run]:
+            add(run, int(epoch), cached)  # else measured on other weights than the shipped ones
+    return {run: sorted(points, key=lambda p: p["epoch"]) for run, points in found.items() if points}
 
 
 def cached_iterations(path: Path, key: dict) -> list[dict]:
