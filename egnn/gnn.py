@@ -145,9 +145,6 @@ class GNN_dynamics_QM9(nn.Module):
             h_final = h_final[:, :-1]  # the time channel's output is discarded
         if dims == self.n_dims:
             h_final = h_final[:, :0]
-        nan_vel = nan_guard.molecules_with_nan(vel)  # EDM checks the positions only here
-        if bool(nan_vel.any()):
-            nan_guard.warn_reset(self, "positions", nan_vel)
-            vel = nan_guard.reset_molecules(vel, nan_vel)
+        (vel,) = nan_guard.guard(self, positions=vel)  # EDM checks the positions only here
         vel = remove_mean_with_mask(vel, node_mask.reshape(bs, n_nodes, 1), check_padding=False)
         return torch.cat([vel, h_final.reshape(bs, n_nodes, -1)], dim=2)

@@ -155,14 +155,7 @@ class EGNN_dynamics_QM9(nn.Module):
 
         # The NaN guard (egnn.nan_guard): a molecule with a NaN in a part gets that part reset to
         # zero; one host sync for both parts in the common case of no NaN.
-        nan_vel, nan_h = nan_guard.molecules_with_nan(vel), nan_guard.molecules_with_nan(h_final)
-        if bool((nan_vel | nan_h).any()):
-            if bool(nan_vel.any()):
-                nan_guard.warn_reset(self, "positions", nan_vel)
-                vel = nan_guard.reset_molecules(vel, nan_vel)
-            if bool(nan_h.any()):
-                nan_guard.warn_reset(self, "features", nan_h)
-                h_final = nan_guard.reset_molecules(h_final, nan_h)
+        vel, h_final = nan_guard.guard(self, positions=vel, features=h_final)
 
         vel = remove_mean_with_mask(vel, node_mask, check_padding=False)
         if self.zero_center_h:

@@ -12,9 +12,25 @@ the training loop skips such a step, as it did with EDM's batch-wide reset.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
+
+
+def guard(owner: torch.nn.Module, **parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The parts of a dynamics' output (name -> (B, N, D)), each with its NaN molecules reset to
+    zero and a warning per part reset; one host sync for all parts when none has a NaN."""
+    flags = [molecules_with_nan(part) for part in parts.values()]
+    if not bool(functools.reduce(torch.logical_or, flags).any()):
+        return tuple(parts.values())
+    guarded = []
+    for (what, part), bad in zip(parts.items(), flags):
+        if bool(bad.any()):
+            warn_reset(owner, what, bad)
+            part = reset_molecules(part, bad)
+        guarded.append(part)
+    return tuple(guarded)
 
 
 def molecules_with_nan(part: torch.Tensor) -> torch.Tensor:
@@ -33,5 +49,5 @@ def warn_reset(owner: torch.nn.Module, what: str, bad: torch.Tensor) -> None:
     warnings.warn(
         f"NaN in the predicted {what} noise of {int(bad.sum())} of {bad.numel()} molecule(s); reset to zero "
         f"for those (reset #{owner.nan_resets})",
-        RuntimeWarning, stacklevel=4,
+        RuntimeWarning, stacklevel=5,  # warn_reset <- guard <- forward <- nn.Module's call frames
     )
