@@ -426,12 +426,9 @@ def plot_curves(run_dirs: dict[str, Path], out: Path, budgets: dict[str, list[di
     """Validation NLL and atom / molecule stability against optimiser steps, one line per run;
     ``budgets`` (``study_eval.measured_budgets``): the study's evaluations of each run's own chain,
     drawn as error bars over the in-training points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    fig = curves_figure(run_dirs, budgets)  # selects the Agg backend
     import matplotlib.pyplot as plt
 
-    fig = curves_figure(run_dirs, budgets)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
